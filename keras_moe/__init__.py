@@ -1,0 +1,7 @@
+"""keras-moe: mixture-of-experts layers and models for Keras 3."""
+
+from keras_moe import layers
+
+__version__ = "0.1.0"
+
+__all__ = ["layers", "__version__"]

@@ -1,0 +1,42 @@
+"""Argument checks shared by the layers (private)."""
+
+import keras
+
+
+def check_positive_int(name, value):
+    """Raises a `ValueError` unless `value` is an int greater than zero."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_choice(name, value, choices):
+    """Raises a `ValueError` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {sorted(choices)}. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_rank(layer, name, shape, rank):
+    """Raises a `ValueError` unless `shape` has exactly `rank` dimensions."""
+    if shape is None or len(shape) != rank:
+        raise ValueError(
+            f"{layer.__class__.__name__} expects `{name}` of rank {rank}. "
+            f"Received: {name}_shape={None if shape is None else tuple(shape)}"
+        )
+
+
+def standardize_data_format(data_format):
+    """Resolves `None` to the global image data format and checks it."""
+    if data_format is None:
+        data_format = keras.config.image_data_format()
+    if isinstance(data_format, str):
+        data_format = data_format.lower()
+    return check_choice(
+        "data_format", data_format, ("channels_first", "channels_last")
+    )

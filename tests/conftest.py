@@ -1,0 +1,48 @@
+"""Test configuration: picks the Keras backend before keras is imported.
+
+Run the suite once per backend, for example
+`KERAS_BACKEND=torch python -m pytest tests`; `scripts/run_tests.sh` runs all
+three.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+if os.environ["KERAS_BACKEND"] == "torch":
+    # torch must be imported before tensorflow when both are installed.
+    import torch  # noqa: F401
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-large",
+        action="store_true",
+        default=False,
+        help="also run the tests marked `large`",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-large"):
+        return
+    skip_large = pytest.mark.skip(reason="large test: pass --run-large")
+    for item in items:
+        if "large" in item.keywords:
+            item.add_marker(skip_large)
+
+
+def pytest_report_header(config):
+    return f"keras {keras.__version__}, backend: {keras.backend.backend()}"
+
+
+@pytest.fixture(autouse=True)
+def _reset_keras_state():
+    keras.config.set_dtype_policy("float32")
+    keras.utils.clear_session()
+    yield
+    keras.config.set_dtype_policy("float32")

@@ -1,0 +1,186 @@
+"""Shared test helpers, in the spirit of KerasHub's `run_layer_test`."""
+
+import os
+
+import keras
+import numpy as np
+from keras import ops
+from keras import tree
+
+BACKEND = keras.backend.backend()
+JIT_BACKENDS = ("jax", "tensorflow")
+
+
+def to_numpy(structure):
+    return tree.map_structure(
+        lambda t: None if t is None else ops.convert_to_numpy(t), structure
+    )
+
+
+def _as_tuple(input_data):
+    if isinstance(input_data, (list, tuple)):
+        return tuple(input_data)
+    return (input_data,)
+
+
+def _float_outputs(outputs):
+    return [
+        t
+        for t in tree.flatten(outputs)
+        if keras.backend.standardize_dtype(t.dtype).startswith(
+            ("float", "bfloat")
+        )
+    ]
+
+
+def _training_model(inputs, outputs):
+    """A model whose single output is the mean of every float output.
+
+    The layer's outputs may be nested (tuples, lists, dicts, int routing
+    indices); folding them into one scalar per example makes one `fit` step
+    exercise gradients through all of them.
+    """
+    terms = [
+        keras.layers.Lambda(
+            lambda t: ops.mean(
+                ops.reshape(ops.cast(t, "float32"), (ops.shape(t)[0], -1)),
+                axis=-1,
+                keepdims=True,
+            )
+        )(t)
+        for t in _float_outputs(outputs)
+    ]
+    target = terms[0] if len(terms) == 1 else keras.layers.Add()(terms)
+    return keras.Model(inputs, target)
+
+
+def run_layer_test(
+    layer_cls,
+    init_kwargs,
+    input_data,
+    expected_output_shape,
+    call_kwargs=None,
+    tmp_path=None,
+    run_training=True,
+    run_mixed_precision=True,
+    atol=1e-5,
+):
+    """Runs the checks every public layer must pass.
+
+    Config round trip, eager call, symbolic call in a functional model with
+    matching shapes, one `fit` step that changes trainable weights, XLA /
+    `jit` compiled training on jax and tensorflow, `.keras` save and load
+    with identical outputs, and a mixed-precision call.
+
+    Args:
+        layer_cls: the layer class.
+        init_kwargs: constructor arguments.
+        input_data: a NumPy array or a tuple of them (positional inputs).
+        expected_output_shape: the output shape, or a nested structure of
+            shapes matching the layer's output structure.
+        call_kwargs: extra call arguments.
+        tmp_path: a directory for the saved model.
+        run_training: whether to run the `fit` checks.
+        run_mixed_precision: whether to run the mixed-precision check.
+        atol: tolerance of the save/load comparison.
+    """
+    call_kwargs = call_kwargs or {}
+    inputs = _as_tuple(input_data)
+
+    # Config round trip.
+    layer = layer_cls(**init_kwargs)
+    config = layer.get_config()
+    revived = layer_cls.from_config(
+        keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(layer)
+        ).get_config()
+    )
+    assert revived.get_config() == config
+
+    # Eager call.
+    outputs = layer(*inputs, **call_kwargs)
+    assert layer.built
+    _assert_shapes(outputs, expected_output_shape)
+
+    # Symbolic call in a functional model.
+    symbolic_inputs = [
+        keras.Input(shape=x.shape[1:], dtype=x.dtype) for x in inputs
+    ]
+    symbolic_layer = layer_cls(**init_kwargs)
+    symbolic_outputs = symbolic_layer(*symbolic_inputs, **call_kwargs)
+    _assert_shapes(
+        symbolic_outputs, expected_output_shape, ignore_batch=True
+    )
+    model = keras.Model(symbolic_inputs, symbolic_outputs)
+    expected = to_numpy(model(list(inputs)))
+
+    if tmp_path is not None:
+        path = os.path.join(str(tmp_path), "model.keras")
+        model.save(path)
+        loaded = keras.saving.load_model(path)
+        actual = to_numpy(loaded(list(inputs)))
+        tree.map_structure(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=atol),
+            actual,
+            expected,
+        )
+
+    if run_training:
+        trainer = _training_model(symbolic_inputs, symbolic_outputs)
+        for jit_compile in (False, True):
+            if jit_compile and BACKEND not in JIT_BACKENDS:
+                continue
+            before = [ops.convert_to_numpy(w) for w in trainer.trainable_weights]
+            trainer.compile(
+                optimizer=keras.optimizers.SGD(0.1),
+                loss="mse",
+                jit_compile=jit_compile,
+            )
+            batch = inputs[0].shape[0]
+            trainer.fit(
+                list(inputs),
+                np.ones((batch, 1), "float32"),
+                batch_size=batch,
+                epochs=1,
+                verbose=0,
+            )
+            after = [ops.convert_to_numpy(w) for w in trainer.trainable_weights]
+            changed = [
+                not np.array_equal(b, a) for b, a in zip(before, after)
+            ]
+            assert any(changed), "one fit step changed no trainable weight"
+
+    if run_mixed_precision:
+        mixed = layer_cls(**{**init_kwargs, "dtype": "mixed_float16"})
+        mixed_outputs = mixed(*inputs, **call_kwargs)
+        _assert_shapes(mixed_outputs, expected_output_shape)
+        for t in _float_outputs(mixed_outputs):
+            assert np.all(np.isfinite(ops.convert_to_numpy(t)))
+        for weight in mixed.weights:
+            assert keras.backend.standardize_dtype(weight.dtype) == "float32"
+    return layer, outputs
+
+
+def _assert_shapes(outputs, expected, ignore_batch=False):
+    flat_outputs = tree.flatten(outputs)
+    flat_expected = _flatten_shapes(expected)
+    assert len(flat_outputs) == len(flat_expected), (
+        f"{len(flat_outputs)} outputs, expected {len(flat_expected)}"
+    )
+    for tensor, shape in zip(flat_outputs, flat_expected):
+        actual = tuple(tensor.shape)
+        if ignore_batch:
+            actual, shape = actual[1:], tuple(shape)[1:]
+        assert actual == tuple(shape), f"shape {actual}, expected {shape}"
+
+
+def _flatten_shapes(structure):
+    """Flattens a nested structure whose leaves are shape tuples."""
+    if isinstance(structure, tuple) and all(
+        isinstance(d, int) or d is None for d in structure
+    ):
+        return [structure]
+    if isinstance(structure, dict):
+        return [s for key in sorted(structure) for s in
+                _flatten_shapes(structure[key])]
+    return [s for item in structure for s in _flatten_shapes(item)]
