@@ -108,9 +108,7 @@ def run_layer_test(
     ]
     symbolic_layer = layer_cls(**init_kwargs)
     symbolic_outputs = symbolic_layer(*symbolic_inputs, **call_kwargs)
-    _assert_shapes(
-        symbolic_outputs, expected_output_shape, ignore_batch=True
-    )
+    _assert_shapes(symbolic_outputs, expected_output_shape, ignore_batch=True)
     model = keras.Model(symbolic_inputs, symbolic_outputs)
     expected = to_numpy(model(list(inputs)))
 
@@ -119,18 +117,22 @@ def run_layer_test(
         model.save(path)
         loaded = keras.saving.load_model(path)
         actual = to_numpy(loaded(list(inputs)))
-        tree.map_structure(
-            lambda a, b: np.testing.assert_allclose(a, b, atol=atol),
-            actual,
-            expected,
+        flat_actual, flat_expected = (
+            tree.flatten(actual),
+            tree.flatten(expected),
         )
+        assert len(flat_actual) == len(flat_expected)
+        for a, b in zip(flat_actual, flat_expected):
+            np.testing.assert_allclose(a, b, atol=atol)
 
     if run_training:
         trainer = _training_model(symbolic_inputs, symbolic_outputs)
         for jit_compile in (False, True):
             if jit_compile and BACKEND not in JIT_BACKENDS:
                 continue
-            before = [ops.convert_to_numpy(w) for w in trainer.trainable_weights]
+            before = [
+                ops.convert_to_numpy(w) for w in trainer.trainable_weights
+            ]
             trainer.compile(
                 optimizer=keras.optimizers.SGD(0.1),
                 loss="mse",
@@ -145,9 +147,7 @@ def run_layer_test(
                 verbose=0,
             )
             after = [ops.convert_to_numpy(w) for w in trainer.trainable_weights]
-            changed = [
-                not np.array_equal(b, a) for b, a in zip(before, after)
-            ]
+            changed = [not np.array_equal(b, a) for b, a in zip(before, after)]
             assert any(changed), "one fit step changed no trainable weight"
 
     if run_mixed_precision:
@@ -181,6 +181,120 @@ def _flatten_shapes(structure):
     ):
         return [structure]
     if isinstance(structure, dict):
-        return [s for key in sorted(structure) for s in
-                _flatten_shapes(structure[key])]
+        return [
+            s
+            for key in sorted(structure)
+            for s in _flatten_shapes(structure[key])
+        ]
     return [s for item in structure for s in _flatten_shapes(item)]
+
+
+def gradients(layer, inputs, loss_fn, call_kwargs=None):
+    """Gradients of `loss_fn(layer(*inputs))` on the current backend.
+
+    Args:
+        layer: a built layer.
+        inputs: tuple of NumPy arrays, the positional call inputs.
+        loss_fn: maps the layer's outputs to a scalar (with `keras.ops`).
+        call_kwargs: extra call arguments.
+
+    Returns:
+        `(weight_grads, input_grads)`: dicts from `variable.path` to a NumPy
+        gradient (or `None` where the backend reports no gradient), and a
+        list with one gradient per input.
+    """
+    call_kwargs = call_kwargs or {}
+    weights = layer.trainable_weights
+    if BACKEND == "jax":
+        import jax
+
+        non_trainable = [v.value for v in layer.non_trainable_weights]
+
+        def objective(trainable_values, input_values):
+            outputs, _ = layer.stateless_call(
+                trainable_values, non_trainable, *input_values, **call_kwargs
+            )
+            return loss_fn(outputs)
+
+        weight_grads, input_grads = jax.grad(objective, argnums=(0, 1))(
+            [v.value for v in weights], [np.asarray(x) for x in inputs]
+        )
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.convert_to_tensor(x) for x in inputs]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            loss = loss_fn(layer(*tensors, **call_kwargs))
+        grads = tape.gradient(loss, [v.value for v in weights] + tensors)
+        weight_grads, input_grads = grads[: len(weights)], grads[len(weights) :]
+    else:
+        import torch
+
+        tensors = [torch.tensor(x, requires_grad=True) for x in inputs]
+        for v in weights:
+            v.value.grad = None
+        loss = loss_fn(layer(*tensors, **call_kwargs))
+        loss.backward()
+        weight_grads = [v.value.grad for v in weights]
+        input_grads = [t.grad for t in tensors]
+    weight_grads = {
+        v.path: None if g is None else ops.convert_to_numpy(g)
+        for v, g in zip(weights, weight_grads)
+    }
+    input_grads = [
+        None if g is None else ops.convert_to_numpy(g) for g in input_grads
+    ]
+    return weight_grads, input_grads
+
+
+def is_zero_gradient(grad):
+    """True where the backend reports no gradient or an all-zero one."""
+    return grad is None or not np.any(grad)
+
+
+def conv2d_reference(
+    x, kernel, bias=None, strides=1, padding="valid", dilation_rate=1
+):
+    """Channels-last 2D convolution written with loops (DeepMoE eq. 2).
+
+    `z[b, s, t, o] = sum_{i,u,v} K[u, v, i, o] x[b, s*st+u*d, t*st+v*d, i]`.
+    """
+    batch, height, width, _ = x.shape
+    k_h, k_w, _, filters = kernel.shape
+    if padding == "same":
+        out_h = -(-height // strides)
+        out_w = -(-width // strides)
+        pad_h = max(
+            (out_h - 1) * strides + (k_h - 1) * dilation_rate + 1 - height, 0
+        )
+        pad_w = max(
+            (out_w - 1) * strides + (k_w - 1) * dilation_rate + 1 - width, 0
+        )
+        x = np.pad(
+            x,
+            (
+                (0, 0),
+                (pad_h // 2, pad_h - pad_h // 2),
+                (pad_w // 2, pad_w - pad_w // 2),
+                (0, 0),
+            ),
+        )
+    else:
+        out_h = (height - (k_h - 1) * dilation_rate - 1) // strides + 1
+        out_w = (width - (k_w - 1) * dilation_rate - 1) // strides + 1
+    z = np.zeros((batch, out_h, out_w, filters), dtype="float64")
+    for s in range(out_h):
+        for t in range(out_w):
+            for u in range(k_h):
+                for v in range(k_w):
+                    patch = x[
+                        :,
+                        s * strides + u * dilation_rate,
+                        t * strides + v * dilation_rate,
+                        :,
+                    ]
+                    z[:, s, t, :] += patch @ kernel[u, v]
+    if bias is not None:
+        z += bias
+    return z

@@ -27,7 +27,8 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
     Gating values:
 
     - `"softmax"`: softmax over the `l` selected routing values of each
-      expert (joint training, pMoE eq. 4). Routers get gradient.
+      expert (joint training, pMoE eq. 4). Routers get gradient, except
+      with `patches_per_expert=1`, where every gate is identically 1.
     - `"hard"`: `G_{j,s} = 1` (separate training, pMoE eq. 3). Routers get
       no gradient through the layer's output.
     - `"softmax_all"`: softmax over all `n` routing values of each expert,
@@ -255,7 +256,9 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
         grid_h, grid_w = self.grid_shape
         patch_h, patch_w = self.patch_size
         channels = inputs.shape[-1]
-        x = ops.reshape(inputs, (-1, grid_h, patch_h, grid_w, patch_w, channels))
+        x = ops.reshape(
+            inputs, (-1, grid_h, patch_h, grid_w, patch_w, channels)
+        )
         x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
         return ops.reshape(
             x, (-1, self.num_patches, patch_h, patch_w, channels)
@@ -271,10 +274,13 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
         )
         scores = ops.transpose(routing_values, (0, 2, 1))
         selected, indices = ops.top_k(scores, self.patches_per_expert)
-        if self.gating == "softmax":
-            gates = ops.softmax(selected, axis=-1)
-        elif self.gating == "hard":
+        if self.gating == "hard" or (
+            self.gating == "softmax" and self.patches_per_expert == 1
+        ):
+            # A softmax over a single selected value is identically 1.
             gates = ops.ones_like(selected)
+        elif self.gating == "softmax":
+            gates = ops.softmax(selected, axis=-1)
         else:
             gates = ops.take_along_axis(
                 ops.softmax(scores, axis=-1), indices, axis=-1
@@ -355,8 +361,14 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
         if self.combine == "concat":
             outputs = ops.reshape(
                 outputs,
-                (-1, num_patches, num_experts, patch_h, patch_w,
-                 self.expert_channels),
+                (
+                    -1,
+                    num_patches,
+                    num_experts,
+                    patch_h,
+                    patch_w,
+                    self.expert_channels,
+                ),
             )
             outputs = ops.transpose(outputs, (0, 1, 3, 4, 2, 5))
         outputs = self._unpatch(outputs)

@@ -1,0 +1,350 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_moe.layers import PatchExpertChoiceMoE
+from tests.testing import BACKEND
+from tests.testing import conv2d_reference
+from tests.testing import gradients
+from tests.testing import is_zero_gradient
+from tests.testing import run_layer_test
+from tests.testing import to_numpy
+
+
+def softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+
+
+def pmoe_reference(layer, x):
+    """pMoE eq. 1, 3 and 4 with loops over examples, experts and patches."""
+    x = x.astype("float64")
+    batch, height, width, _ = x.shape
+    patch_h, patch_w = layer.patch_size
+    grid_w = width // patch_w
+    num_patches = (height // patch_h) * grid_w
+    router = ops.convert_to_numpy(layer.router).astype("float64")
+    experts = [
+        (
+            ops.convert_to_numpy(e.kernel).astype("float64"),
+            ops.convert_to_numpy(e.bias).astype("float64"),
+        )
+        for e in layer.expert_layers
+    ]
+    filters = experts[0][0].shape[-1]
+    k = layer.num_experts
+    out_channels = k * filters if layer.combine == "concat" else filters
+    out = np.zeros((batch, height, width, out_channels))
+    all_indices = np.zeros((batch, k, layer.patches_per_expert), "int64")
+    all_gates = np.zeros((batch, k, layer.patches_per_expert))
+
+    def window(j):
+        row, col = divmod(j, grid_w)
+        return (
+            slice(row * patch_h, (row + 1) * patch_h),
+            slice(col * patch_w, (col + 1) * patch_w),
+        )
+
+    for b in range(batch):
+        patches = [x[b][window(j)] for j in range(num_patches)]
+        for s in range(k):
+            # Routing value r_{s,j} = <w_s, x^(j)>.
+            r = np.array([p.ravel() @ router[:, s] for p in patches])
+            chosen = np.argsort(-r, kind="stable")[: layer.patches_per_expert]
+            if layer.gating == "softmax":
+                gate = softmax(r[chosen])  # eq. 4
+            elif layer.gating == "hard":
+                gate = np.ones(len(chosen))  # eq. 3
+            else:
+                gate = softmax(r)[chosen]
+            all_indices[b, s], all_gates[b, s] = chosen, gate
+            kernel, bias = experts[s]
+            channels = (
+                slice(s * filters, (s + 1) * filters)
+                if layer.combine == "concat"
+                else slice(0, filters)
+            )
+            for j, g in zip(chosen, gate):
+                y = conv2d_reference(
+                    patches[j][None], kernel, bias, padding="same"
+                )[0]
+                rows, cols = window(j)
+                out[b, rows, cols, channels] += g * y
+    return out, all_indices, all_gates
+
+
+def random_map(batch=3, height=8, width=8, channels=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(batch, height, width, channels)).astype("float32")
+
+
+@pytest.mark.parametrize("gating", ["softmax", "hard", "softmax_all"])
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+def test_matches_equations(gating, combine):
+    x = random_map()
+    layer = PatchExpertChoiceMoE(
+        num_experts=3,
+        patches_per_expert=2,
+        patch_size=(2, 4),
+        expert_filters=5,
+        gating=gating,
+        combine=combine,
+        router_initializer=keras.initializers.RandomNormal(stddev=0.3),
+    )
+    layer.build(x.shape)
+    for expert in layer.expert_layers:
+        expert.bias.assign(np.random.default_rng(1).normal(size=5))
+    outputs, routing = layer(x, return_routing=True)
+    expected, indices, gates = pmoe_reference(layer, x)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(routing["indices"]), indices
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(routing["gates"]), gates, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(outputs), expected, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_unselected_patches_give_exact_zeros():
+    x = random_map(batch=2, height=8, width=8)
+    # 16 patches of 2x2; 2 experts x 3 patches cover at most 6 of them.
+    layer = PatchExpertChoiceMoE(2, 3, 2, expert_filters=3)
+    layer.build(x.shape)
+    for expert in layer.expert_layers:
+        expert.bias.assign(np.ones(3))  # nonzero bias everywhere
+    outputs, routing = layer(x, return_routing=True)
+    outputs = ops.convert_to_numpy(outputs)
+    indices = ops.convert_to_numpy(routing["indices"])
+    for b in range(2):
+        selected = set(indices[b].ravel().tolist())
+        assert len(selected) < 16
+        for j in range(16):
+            row, col = divmod(j, 4)
+            block = outputs[b, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2]
+            if j in selected:
+                assert np.any(block != 0)
+            else:
+                np.testing.assert_array_equal(block, 0.0)
+
+
+class RecordingConv(keras.layers.Conv2D):
+    """A convolution expert that records the shape of every batch it runs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen_shapes = []
+
+    def call(self, inputs):
+        self.seen_shapes.append(tuple(inputs.shape))
+        return super().call(inputs)
+
+
+def test_experts_run_on_selected_patches_only():
+    x = random_map(batch=2, height=16, width=16, channels=3)
+    experts = [RecordingConv(4, 3, padding="same") for _ in range(4)]
+    layer = PatchExpertChoiceMoE(
+        num_experts=4, patches_per_expert=2, patch_size=4, experts=experts
+    )
+    out = layer(x)
+    assert tuple(out.shape) == (2, 16, 16, 16)
+    for expert in experts:
+        # batch * l patches of 4x4, not the 16x16 map.
+        assert expert.seen_shapes == [(2 * 2, 4, 4, 3)]
+
+
+@pytest.mark.parametrize("gating", ["softmax", "softmax_all", "hard"])
+def test_router_gradient(gating):
+    x = random_map()
+    layer = PatchExpertChoiceMoE(
+        2, 2, 4, expert_filters=3, gating=gating, combine="sum"
+    )
+    layer.build(x.shape)
+    weight_grads, input_grads = gradients(
+        layer, (x,), lambda out: ops.sum(ops.square(out))
+    )
+    router_grad = weight_grads[layer.router.path]
+    if gating == "hard":
+        assert is_zero_gradient(router_grad)
+    else:
+        assert np.any(router_grad)
+    for expert in layer.expert_layers:
+        assert np.any(weight_grads[expert.kernel.path])
+    assert np.any(input_grads[0])
+
+
+def test_route_and_return_routing_in_functional_model():
+    x = random_map()
+    inputs = keras.Input(x.shape[1:])
+    layer = PatchExpertChoiceMoE(2, 3, 2, expert_filters=3)
+    outputs, routing = layer(inputs, return_routing=True)
+    assert tuple(routing["indices"].shape) == (None, 2, 3)
+    assert tuple(routing["routing_values"].shape) == (None, 16, 2)
+    model = keras.Model(inputs, [outputs, routing["indices"]])
+    out, indices = to_numpy(model(x))
+    direct = layer.route(x)
+    np.testing.assert_array_equal(
+        indices, ops.convert_to_numpy(direct["indices"])
+    )
+    np.testing.assert_allclose(out, ops.convert_to_numpy(layer(x)), atol=1e-6)
+    scores = ops.convert_to_numpy(direct["routing_values"])
+    # The selected patches are the top-l routing values of each expert.
+    top = np.sort(scores, axis=1)[:, ::-1][:, :3, :].transpose(0, 2, 1)
+    chosen = np.take_along_axis(
+        scores.transpose(0, 2, 1), ops.convert_to_numpy(indices), axis=-1
+    )
+    np.testing.assert_allclose(chosen, top, atol=1e-6)
+
+
+def test_channels_first():
+    x = random_map()
+    last = PatchExpertChoiceMoE(2, 2, 4, expert_filters=3)
+    first = PatchExpertChoiceMoE(
+        2, 2, 4, expert_filters=3, data_format="channels_first"
+    )
+    last.build(x.shape)
+    first.build(np.transpose(x, (0, 3, 1, 2)).shape)
+    first.set_weights(last.get_weights())
+    out_first = ops.convert_to_numpy(first(np.transpose(x, (0, 3, 1, 2))))
+    np.testing.assert_allclose(
+        np.transpose(out_first, (0, 2, 3, 1)),
+        ops.convert_to_numpy(last(x)),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+def test_layer_contract(tmp_path, combine):
+    run_layer_test(
+        PatchExpertChoiceMoE,
+        dict(
+            num_experts=2,
+            patches_per_expert=2,
+            patch_size=2,
+            expert_filters=3,
+            combine=combine,
+        ),
+        random_map(batch=4, height=4, width=4, channels=2),
+        expected_output_shape=(4, 4, 4, 6 if combine == "concat" else 3),
+        tmp_path=tmp_path,
+    )
+
+
+def test_layer_contract_with_custom_experts(tmp_path):
+    experts = [
+        keras.Sequential(
+            [
+                keras.layers.Conv2D(4, 1, activation="relu"),
+                keras.layers.Conv2D(3, 3, padding="same"),
+            ]
+        )
+        for _ in range(2)
+    ]
+    config_experts = dict(
+        num_experts=2, patches_per_expert=2, patch_size=2, experts=experts
+    )
+    x = random_map(batch=4, height=4, width=4, channels=2)
+    layer, _ = run_layer_test(
+        PatchExpertChoiceMoE,
+        config_experts,
+        x,
+        expected_output_shape=(4, 4, 4, 6),
+        tmp_path=tmp_path,
+        run_mixed_precision=False,
+    )
+    assert layer.expert_layers[0] is experts[0]
+
+
+@pytest.mark.skipif(
+    BACKEND not in ("jax", "tensorflow"), reason="XLA compilation"
+)
+def test_compiles_under_xla():
+    x = random_map()
+    layer = PatchExpertChoiceMoE(2, 2, 4, expert_filters=3)
+    eager = ops.convert_to_numpy(layer(x))
+    if BACKEND == "jax":
+        import jax
+
+        values = [v.value for v in layer.trainable_weights]
+
+        @jax.jit
+        def run(values, x):
+            return layer.stateless_call(values, [], x)[0]
+
+        compiled = run(values, x)
+    else:
+        import tensorflow as tf
+
+        compiled = tf.function(layer, jit_compile=True)(x)
+    np.testing.assert_allclose(to_numpy(compiled), eager, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_experts=0), "num_experts=0"),
+        (dict(patches_per_expert=-1), "patches_per_expert=-1"),
+        (dict(patch_size=0), "patch_size=0"),
+        (dict(patch_size=(2, 2, 2)), "patch_size"),
+        (dict(expert_filters=0), "expert_filters=0"),
+        (dict(gating="top1"), "gating='top1'"),
+        (dict(combine="mean"), "combine='mean'"),
+        (dict(expert_filters=None), "expert_filters"),
+        (
+            dict(experts=[keras.layers.Conv2D(2, 1)]),
+            "experts",
+        ),
+        (dict(experts=["conv", "conv"], expert_filters=None), "experts"),
+        (dict(data_format="NHWC"), "data_format"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+    base = dict(
+        num_experts=2, patches_per_expert=2, patch_size=2, expert_filters=3
+    )
+    if "experts" in kwargs:
+        base.pop("expert_filters")
+    with pytest.raises(ValueError, match=match):
+        PatchExpertChoiceMoE(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape, match",
+    [
+        (dict(patch_size=3), (2, 8, 8, 4), "patch_size=\\(3, 3\\)"),
+        (dict(patches_per_expert=5), (2, 4, 4, 4), "patches_per_expert=5"),
+        (dict(), (2, 8, 4), "inputs_shape=\\(2, 8, 4\\)"),
+        (
+            dict(
+                experts=[
+                    keras.layers.Conv2D(3, 3),
+                    keras.layers.Conv2D(3, 3),
+                ],
+                expert_filters=None,
+                patch_size=4,
+            ),
+            (2, 8, 8, 4),
+            "same height and width",
+        ),
+        (
+            dict(
+                experts=[
+                    keras.layers.Conv2D(3, 1),
+                    keras.layers.Conv2D(4, 1),
+                ],
+                expert_filters=None,
+            ),
+            (2, 8, 8, 4),
+            "same number of output channels",
+        ),
+    ],
+)
+def test_invalid_inputs(kwargs, shape, match):
+    base = dict(
+        num_experts=2, patches_per_expert=2, patch_size=2, expert_filters=3
+    )
+    layer = PatchExpertChoiceMoE(**{**base, **kwargs})
+    with pytest.raises(ValueError, match=match):
+        layer(np.zeros(shape, "float32"))
