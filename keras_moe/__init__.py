@@ -1,7 +1,8 @@
 """keras-moe: mixture-of-experts layers and models for Keras 3."""
 
+from keras_moe import data
 from keras_moe import layers
 
 __version__ = "0.1.0"
 
-__all__ = ["layers", "__version__"]
+__all__ = ["data", "layers", "__version__"]

@@ -1,0 +1,23 @@
+"""Dataset loaders and augmentation for the examples and benchmarks."""
+
+from keras_moe.data.augmentation import cifar_augmentation
+from keras_moe.data.augmentation import normalization
+from keras_moe.data.datasets import CITYSCAPES_IGNORE_LABEL
+from keras_moe.data.datasets import DATASETS
+from keras_moe.data.datasets import DatasetInfo
+from keras_moe.data.datasets import DatasetNotAvailableError
+from keras_moe.data.datasets import load_cifar10
+from keras_moe.data.datasets import load_cifar100
+from keras_moe.data.datasets import load_dataset
+
+__all__ = [
+    "CITYSCAPES_IGNORE_LABEL",
+    "DATASETS",
+    "DatasetInfo",
+    "DatasetNotAvailableError",
+    "cifar_augmentation",
+    "load_cifar10",
+    "load_cifar100",
+    "load_dataset",
+    "normalization",
+]

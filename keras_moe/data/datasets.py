@@ -1,0 +1,551 @@
+"""Dataset loaders: tensorflow-datasets, image folders and offline digits.
+
+Every loader returns `(train, test, info)`: two batched `tf.data.Dataset`s of
+`(images, labels)` with float32 images, and a `DatasetInfo`. `tf.data`
+pipelines feed `model.fit` on every Keras backend.
+"""
+
+import dataclasses
+import os
+import socket
+import urllib.parse
+
+import numpy as np
+
+from keras_moe.data import augmentation as aug
+
+
+class DatasetNotAvailableError(RuntimeError):
+    """Raised when a dataset is neither on disk nor downloadable."""
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+    """What a loader returns besides the data.
+
+    Attributes:
+        name: the dataset's name.
+        num_classes: number of classes (per pixel for segmentation).
+        image_shape: `(height, width, channels)` of the images the model
+            gets.
+        class_names: list of class names, when known.
+        num_train: number of training examples, when known.
+        num_test: number of test examples, when known.
+        task: `"classification"` or `"segmentation"`.
+    """
+
+    name: str
+    num_classes: int
+    image_shape: tuple
+    class_names: list = None
+    num_train: int = None
+    num_test: int = None
+    task: str = "classification"
+
+
+# name: (tfds name, train split, test split, needs manual download).
+_TFDS = {
+    "cifar10": ("cifar10", "train", "test", False),
+    "cifar100": ("cifar100", "train", "test", False),
+    "celeba_smiling": ("celeb_a", "train", "test", False),
+    "celeba_smiling_eyeglasses": ("celeb_a", "train", "test", False),
+    "cityscapes": (
+        "cityscapes/semantic_segmentation",
+        "train",
+        "validation",
+        True,
+    ),
+    "imagenet": ("imagenet2012", "train", "validation", True),
+}
+DATASETS = tuple(_TFDS) + ("image_folder", "digits")
+
+# Cityscapes label ids -> the 19 evaluation classes; everything else is 255.
+_CITYSCAPES_TRAIN_IDS = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
+CITYSCAPES_IGNORE_LABEL = 255
+
+
+def load_dataset(
+    name,
+    data_dir=None,
+    manual_dir=None,
+    batch_size=128,
+    image_size=None,
+    augment=True,
+    normalize=True,
+    max_train_examples=None,
+    max_test_examples=None,
+    seed=None,
+    download=True,
+):
+    """Loads a dataset as batched `tf.data` pipelines for training.
+
+    Supported names: `"cifar10"`, `"cifar100"`, `"celeba_smiling"` (binary:
+    smiling), `"celeba_smiling_eyeglasses"` (4 classes: smiling x
+    eyeglasses), `"cityscapes"` (semantic segmentation, 19 classes, ignore
+    label 255), `"imagenet"` through tensorflow-datasets; `"image_folder"`
+    (`data_dir` holds `train/<class>/*` and `test/<class>/*`); and
+    `"digits"`, the 1,797 8x8 handwritten digits that ship inside
+    scikit-learn, resized to 32x32 RGB, for running examples on a machine
+    without network or datasets.
+
+    For the tensorflow-datasets names, `data_dir` is the tfds data
+    directory. When the dataset is not prepared there and its source cannot
+    be reached (or `download=False`), a `DatasetNotAvailableError` explaining
+    how to provide the data is raised within seconds, instead of waiting for
+    download retries. ImageNet and Cityscapes need their archives in
+    `manual_dir` (see the tfds instructions).
+
+    Training data is shuffled and, with `augment`, augmented with Keras
+    preprocessing layers (for 32x32 images the CIFAR augmentation: 4-pixel
+    zero padding, random crop and horizontal flip; for other classification
+    images a random horizontal flip; segmentation data is not augmented).
+    With `normalize`, images are standardized per channel with the
+    dataset's statistics (CIFAR-10/100), ImageNet's statistics otherwise, or
+    the `(mean, std)` pair given.
+
+    Args:
+        name: one of `keras_moe.data.DATASETS`.
+        data_dir: tfds data directory, or the image folder.
+        manual_dir: directory with manually downloaded archives (tfds).
+        batch_size: int, the batch size.
+        image_size: optional int or `(height, width)` to resize to.
+        augment: bool, whether to augment the training split.
+        normalize: bool, or a `(mean, std)` pair of per-channel statistics
+            of images in [0, 1].
+        max_train_examples: optional int, use only this many training
+            examples.
+        max_test_examples: optional int, use only this many test examples.
+        seed: optional int, seed of the shuffling and augmentation.
+        download: bool, whether tfds may download a missing dataset.
+
+    Returns:
+        `(train, test, info)`.
+
+    Example:
+
+    >>> train, test, info = keras_moe.data.load_dataset(
+    ...     "digits", batch_size=32)
+    >>> info.num_classes, info.image_shape
+    (10, (32, 32, 3))
+    """
+    if name not in DATASETS:
+        raise ValueError(
+            f"Unknown dataset. Expected one of {list(DATASETS)}. "
+            f"Received: name={name!r}"
+        )
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or (batch_size <= 0)
+    ):
+        raise ValueError(
+            f"`batch_size` must be a positive integer. "
+            f"Received: batch_size={batch_size!r}"
+        )
+    image_size = _size_pair(image_size)
+    if name == "image_folder":
+        train, test, info = _image_folder(data_dir, image_size)
+    elif name == "digits":
+        train, test, info = _digits(image_size or (32, 32))
+    else:
+        train, test, info = _from_tfds(
+            name, data_dir, manual_dir, image_size, download
+        )
+    return _finish(
+        train,
+        test,
+        info,
+        batch_size,
+        augment,
+        normalize,
+        max_train_examples,
+        max_test_examples,
+        seed,
+    )
+
+
+def load_cifar10(data_dir=None, **kwargs):
+    """CIFAR-10 from tensorflow-datasets, or from an image folder.
+
+    Args:
+        data_dir: the tfds data directory; or a folder with
+            `train/<class>/*` and `test/<class>/*` images, which is then
+            read as an image folder.
+        **kwargs: further arguments of `load_dataset`.
+
+    Returns:
+        `(train, test, info)`, see `load_dataset`.
+    """
+    if data_dir is not None and _is_image_folder(data_dir):
+        kwargs.setdefault("normalize", (aug.CIFAR10_MEAN, aug.CIFAR10_STD))
+        return load_dataset("image_folder", data_dir=data_dir, **kwargs)
+    return load_dataset("cifar10", data_dir=data_dir, **kwargs)
+
+
+def load_cifar100(data_dir=None, **kwargs):
+    """CIFAR-100 (fine labels) from tensorflow-datasets or an image folder.
+
+    Args:
+        data_dir: the tfds data directory or an image folder.
+        **kwargs: further arguments of `load_dataset`.
+
+    Returns:
+        `(train, test, info)`, see `load_dataset`.
+    """
+    if data_dir is not None and _is_image_folder(data_dir):
+        kwargs.setdefault("normalize", (aug.CIFAR100_MEAN, aug.CIFAR100_STD))
+        return load_dataset("image_folder", data_dir=data_dir, **kwargs)
+    return load_dataset("cifar100", data_dir=data_dir, **kwargs)
+
+
+def _size_pair(image_size):
+    if image_size is None:
+        return None
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    if (
+        not isinstance(image_size, (tuple, list))
+        or len(image_size) != 2
+        or any(not isinstance(s, int) or s <= 0 for s in image_size)
+    ):
+        raise ValueError(
+            "`image_size` must be a positive int or a (height, width) pair. "
+            f"Received: image_size={image_size!r}"
+        )
+    return tuple(image_size)
+
+
+def _is_image_folder(path):
+    return os.path.isdir(os.path.join(path, "train")) and os.path.isdir(
+        os.path.join(path, "test")
+    )
+
+
+def _image_folder(data_dir, image_size):
+    import keras
+
+    if data_dir is None or not _is_image_folder(data_dir):
+        raise DatasetNotAvailableError(
+            "An image folder needs `data_dir` with `train/<class>/*` and "
+            "`test/<class>/*` images (for example CIFAR-10 extracted from "
+            f"an image-folder archive). Received: data_dir={data_dir!r}"
+        )
+    class_names = sorted(
+        d
+        for d in os.listdir(os.path.join(data_dir, "train"))
+        if os.path.isdir(os.path.join(data_dir, "train", d))
+    )
+    if not class_names:
+        raise DatasetNotAvailableError(
+            f"No class folders in {os.path.join(data_dir, 'train')!r}."
+        )
+    splits = []
+    for split in ("train", "test"):
+        ds = keras.utils.image_dataset_from_directory(
+            os.path.join(data_dir, split),
+            labels="inferred",
+            label_mode="int",
+            class_names=class_names,
+            image_size=image_size or _first_image_size(data_dir, class_names),
+            batch_size=None,
+            shuffle=False,
+            verbose=False,
+        )
+        splits.append(ds.map(lambda x, y: (x / 255.0, y)))
+    shape = tuple(splits[0].element_spec[0].shape)
+    info = DatasetInfo(
+        name="image_folder",
+        num_classes=len(class_names),
+        image_shape=shape,
+        class_names=class_names,
+        num_train=int(splits[0].cardinality()),
+        num_test=int(splits[1].cardinality()),
+    )
+    return splits[0], splits[1], info
+
+
+def _first_image_size(data_dir, class_names):
+    """The size of the first training image, so images keep their size."""
+    import keras
+
+    folder = os.path.join(data_dir, "train", class_names[0])
+    first = sorted(os.listdir(folder))[0]
+    image = keras.utils.load_img(os.path.join(folder, first))
+    return (image.height, image.width)
+
+
+def _digits(image_size):
+    import tensorflow as tf
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise DatasetNotAvailableError(
+            'The "digits" dataset ships with scikit-learn: '
+            "`pip install scikit-learn`."
+        ) from error
+    digits = load_digits()
+    images = (digits.images / 16.0).astype("float32")[..., None]
+    labels = digits.target.astype("int64")
+    order = np.random.default_rng(0).permutation(len(labels))
+    num_test = len(labels) // 5
+    test_idx, train_idx = order[:num_test], order[num_test:]
+
+    def split(idx):
+        x = tf.image.resize(images[idx], image_size)
+        x = tf.image.grayscale_to_rgb(x)
+        return tf.data.Dataset.from_tensor_slices((x, labels[idx]))
+
+    info = DatasetInfo(
+        name="digits",
+        num_classes=10,
+        image_shape=(*image_size, 3),
+        class_names=[str(i) for i in range(10)],
+        num_train=len(train_idx),
+        num_test=num_test,
+    )
+    return split(train_idx), split(test_idx), info
+
+
+def _reachable(url, timeout=3.0):
+    """Whether a TCP connection to the host of `url` opens quickly."""
+    parsed = urllib.parse.urlparse(url)
+    if not parsed.hostname:
+        return False
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_tfds(name, data_dir, manual_dir, image_size, download):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise DatasetNotAvailableError(
+            f"Loading {name!r} needs tensorflow-datasets: "
+            "`pip install tensorflow-datasets`. Without it, use "
+            '`load_dataset("image_folder", data_dir=...)`.'
+        ) from error
+    tfds_name, train_split, test_split, manual = _TFDS[name]
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    if not builder.is_prepared():
+        where = builder.data_dir
+        help_text = (
+            f"The dataset {tfds_name!r} is not prepared in {where!r}. "
+            "Point `data_dir` (`--data-dir`) at a tensorflow-datasets "
+            "directory that holds it, or at an image folder with "
+            "`train/<class>/*` and `test/<class>/*` images"
+        )
+        if manual:
+            if manual_dir is None or not os.path.isdir(manual_dir):
+                raise DatasetNotAvailableError(
+                    f"{help_text}. {tfds_name!r} cannot be downloaded "
+                    "automatically: put its archives in a folder and pass "
+                    f"it as `manual_dir` (received: {manual_dir!r}). "
+                    "tensorflow-datasets says:\n"
+                    f"{getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', '')}"
+                )
+        elif not download:
+            raise DatasetNotAvailableError(f"{help_text}; download=False.")
+        elif not _reachable(builder.info.homepage or ""):
+            raise DatasetNotAvailableError(
+                f"{help_text}. Its source ({builder.info.homepage}) cannot "
+                "be reached from this machine, so it cannot be downloaded."
+            )
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+        )
+    train = builder.as_dataset(split=train_split)
+    test = builder.as_dataset(split=test_split)
+    transform, info = _tfds_transform(name, builder, image_size)
+    splits = builder.info.splits
+    if splits:
+        info.num_train = splits[train_split].num_examples
+        info.num_test = splits[test_split].num_examples
+    return train.map(transform), test.map(transform), info
+
+
+def _tfds_transform(name, builder, image_size):
+    """Maps a tfds feature dict to `(image in [0, 1], label)`."""
+    import tensorflow as tf
+
+    def image_of(features, key="image"):
+        image = tf.cast(features[key], "float32") / 255.0
+        if image_size is not None:
+            image = tf.image.resize(image, image_size)
+        return image
+
+    if name in ("cifar10", "cifar100", "imagenet"):
+        label_feature = builder.info.features["label"]
+        size = image_size or {"imagenet": (224, 224)}.get(name, (32, 32))
+
+        def transform(features):
+            image = tf.cast(features["image"], "float32") / 255.0
+            return tf.image.resize(image, size), features["label"]
+
+        return transform, DatasetInfo(
+            name=name,
+            num_classes=label_feature.num_classes,
+            image_shape=(*size, 3),
+            class_names=list(label_feature.names),
+        )
+    if name.startswith("celeba"):
+        size = image_size or (64, 64)
+        four_way = name == "celeba_smiling_eyeglasses"
+
+        def transform(features):
+            image = tf.image.resize(
+                tf.cast(features["image"], "float32") / 255.0, size
+            )
+            smiling = tf.cast(features["attributes"]["Smiling"], "int64")
+            if not four_way:
+                return image, smiling
+            glasses = tf.cast(features["attributes"]["Eyeglasses"], "int64")
+            return image, 2 * smiling + glasses
+
+        names = (
+            [
+                "no smile, no eyeglasses",
+                "no smile, eyeglasses",
+                "smile, no eyeglasses",
+                "smile, eyeglasses",
+            ]
+            if four_way
+            else ["not smiling", "smiling"]
+        )
+        return transform, DatasetInfo(
+            name=name,
+            num_classes=len(names),
+            image_shape=(*size, 3),
+            class_names=names,
+        )
+    # Cityscapes semantic segmentation.
+    lookup = np.full(256, CITYSCAPES_IGNORE_LABEL, dtype="int64")
+    for label_id, train_id in _CITYSCAPES_TRAIN_IDS.items():
+        lookup[label_id] = train_id
+    size = image_size or (512, 1024)
+
+    def transform(features):
+        image = tf.image.resize(
+            tf.cast(features["image_left"], "float32") / 255.0, size
+        )
+        label = tf.image.resize(
+            features["segmentation_label"], size, method="nearest"
+        )
+        label = tf.gather(lookup, tf.cast(label[..., 0], "int64"))
+        return image, label
+
+    return transform, DatasetInfo(
+        name=name,
+        num_classes=len(_CITYSCAPES_TRAIN_IDS),
+        image_shape=(*size, 3),
+        task="segmentation",
+    )
+
+
+_STATISTICS = {
+    "cifar10": (aug.CIFAR10_MEAN, aug.CIFAR10_STD),
+    "cifar100": (aug.CIFAR100_MEAN, aug.CIFAR100_STD),
+}
+
+
+def _finish(
+    train,
+    test,
+    info,
+    batch_size,
+    augment,
+    normalize,
+    max_train,
+    max_test,
+    seed,
+):
+    import keras
+    import tensorflow as tf
+
+    train, info.num_train = _subset(train, info.num_train, max_train, seed)
+    test, info.num_test = _subset(test, info.num_test, max_test, seed)
+    # Decoding is the slow part for small images: keep decoded images.
+    small = info.image_shape[0] * info.image_shape[1] <= 64 * 64
+    if small:
+        train, test = train.cache(), test.cache()
+    train = train.shuffle(
+        min(info.num_train or 10_000, 50_000),
+        seed=seed,
+        reshuffle_each_iteration=True,
+    )
+    if augment:
+        height, width = info.image_shape[:2]
+        if info.task == "classification" and height == width == 32:
+            crop_flip = aug.cifar_augmentation(32, 4, seed=seed)
+            train = train.map(
+                lambda x, y: (crop_flip(x), y),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        elif info.task == "classification":
+            flip = keras.layers.RandomFlip("horizontal", seed=seed)
+            train = train.map(
+                lambda x, y: (flip(x, training=True), y),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+    train, test = train.batch(batch_size), test.batch(batch_size)
+    if normalize:
+        if normalize is True:
+            mean, std = _STATISTICS.get(
+                info.name, (aug.IMAGENET_MEAN, aug.IMAGENET_STD)
+            )
+        else:
+            mean, std = normalize
+        norm = aug.normalization(mean, std)
+        train = train.map(lambda x, y: (norm(x), y))
+        test = test.map(lambda x, y: (norm(x), y))
+    autotune = tf.data.AUTOTUNE
+    return train.prefetch(autotune), test.prefetch(autotune), info
+
+
+def _subset(dataset, size, limit, seed):
+    """A random subset of `limit` examples, the same at every epoch.
+
+    Loaders list examples in a fixed order (often sorted by class), so the
+    first examples are not a fair sample.
+    """
+    import tensorflow as tf
+
+    if limit is None or (size is not None and limit >= size):
+        return dataset, size
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ValueError(
+            "`max_train_examples` and `max_test_examples` must be positive "
+            f"integers. Received: {limit!r}"
+        )
+    if size is None:
+        return dataset.take(limit), limit
+    keep = np.zeros(size, dtype=bool)
+    chosen = np.random.default_rng(seed).choice(size, limit, replace=False)
+    keep[chosen] = True
+    keep = tf.constant(keep)
+    dataset = dataset.enumerate().filter(lambda i, example: keep[i])
+    return dataset.map(lambda i, example: example), limit
