@@ -33,13 +33,14 @@ def cifar_augmentation(image_size=32, padding=4, seed=None):
 
     Example:
 
-    >>> import tensorflow as tf
-    >>> augment = keras_moe.data.cifar_augmentation(seed=0)
-    >>> images = tf.data.Dataset.from_tensor_slices(
-    ...     np.random.rand(4, 32, 32, 3).astype("float32"))
-    >>> batch = next(iter(images.map(augment).batch(4)))
-    >>> tuple(batch.shape)
-    (4, 32, 32, 3)
+    ```python
+    import tensorflow as tf
+    augment = keras_moe.data.cifar_augmentation(seed=0)
+    images = tf.data.Dataset.from_tensor_slices(
+        np.random.rand(4, 32, 32, 3).astype("float32"))
+    batch = next(iter(images.map(augment).batch(4)))
+    tuple(batch.shape)  # (4, 32, 32, 3)
+    ```
     """
     import tensorflow as tf
 

@@ -143,10 +143,10 @@ def load_dataset(
 
     Example:
 
-    >>> train, test, info = keras_moe.data.load_dataset(
-    ...     "digits", batch_size=32)
-    >>> info.num_classes, info.image_shape
-    (10, (32, 32, 3))
+    ```python
+    train, test, info = keras_moe.data.load_dataset("digits", batch_size=32)
+    info.num_classes, info.image_shape  # (10, (32, 32, 3))
+    ```
     """
     if name not in DATASETS:
         raise ValueError(

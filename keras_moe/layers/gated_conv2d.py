@@ -60,11 +60,12 @@ class GatedConv2D(keras.layers.Conv2D):
 
     Example:
 
-    >>> x = np.random.rand(2, 8, 8, 4).astype("float32")
-    >>> gates = np.array([[1.0, 0.0, 0.5, 0.0], [1.0, 1.0, 1.0, 1.0]])
-    >>> layer = keras_moe.layers.GatedConv2D(6, 3, padding="same")
-    >>> tuple(layer(x, gates).shape)
-    (2, 8, 8, 6)
+    ```python
+    x = np.random.rand(2, 8, 8, 4).astype("float32")
+    gates = np.array([[1.0, 0.0, 0.5, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    layer = keras_moe.layers.GatedConv2D(6, 3, padding="same")
+    tuple(layer(x, gates).shape)  # (2, 8, 8, 6)
+    ```
 
     Reference:
         X. Wang et al., "Deep Mixture of Experts via Shallow Embedding",

@@ -87,15 +87,15 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
 
     Example:
 
-    >>> x = np.random.rand(2, 8, 8, 16).astype("float32")
-    >>> moe = keras_moe.layers.PatchExpertChoiceMoE(
-    ...     num_experts=4, patches_per_expert=2, patch_size=4,
-    ...     expert_filters=8)
-    >>> tuple(moe(x).shape)
-    (2, 8, 8, 32)
-    >>> routing = moe.route(x)
-    >>> tuple(routing["indices"].shape)
-    (2, 4, 2)
+    ```python
+    x = np.random.rand(2, 8, 8, 16).astype("float32")
+    moe = keras_moe.layers.PatchExpertChoiceMoE(
+        num_experts=4, patches_per_expert=2, patch_size=4,
+        expert_filters=8)
+    tuple(moe(x).shape)  # (2, 8, 8, 32)
+    routing = moe.route(x)
+    tuple(routing["indices"].shape)  # (2, 4, 2)
+    ```
 
     Reference:
         M. N. R. Chowdhury et al., "Patch-level Routing in Mixture-of-Experts

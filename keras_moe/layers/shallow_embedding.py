@@ -53,11 +53,12 @@ class ShallowEmbedding(keras.layers.Layer):
 
     Example:
 
-    >>> images = np.random.rand(2, 32, 32, 3).astype("float32")
-    >>> embed = keras_moe.layers.ShallowEmbedding(16, num_classes=10)
-    >>> e, class_probs = embed(images)
-    >>> tuple(e.shape), tuple(class_probs.shape)
-    ((2, 16), (2, 10))
+    ```python
+    images = np.random.rand(2, 32, 32, 3).astype("float32")
+    embed = keras_moe.layers.ShallowEmbedding(16, num_classes=10)
+    e, class_probs = embed(images)
+    tuple(e.shape), tuple(class_probs.shape)  # ((2, 16), (2, 10))
+    ```
 
     Reference:
         X. Wang et al., "Deep Mixture of Experts via Shallow Embedding",

@@ -70,11 +70,12 @@ class SparseGatingHeads(keras.layers.Layer):
 
     Example:
 
-    >>> e = np.full((2, 8), 1.0 / 8, dtype="float32")
-    >>> heads = keras_moe.layers.SparseGatingHeads([16, 32])
-    >>> gates = heads(e)
-    >>> [tuple(g.shape) for g in gates]
-    [(2, 16), (2, 32)]
+    ```python
+    e = np.full((2, 8), 1.0 / 8, dtype="float32")
+    heads = keras_moe.layers.SparseGatingHeads([16, 32])
+    gates = heads(e)
+    [tuple(g.shape) for g in gates]  # [(2, 16), (2, 32)]
+    ```
 
     Reference:
         X. Wang et al., "Deep Mixture of Experts via Shallow Embedding",
