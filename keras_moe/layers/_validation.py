@@ -16,7 +16,7 @@ def check_choice(name, value, choices):
     """Raises a `ValueError` unless `value` is one of `choices`."""
     if value not in choices:
         raise ValueError(
-            f"`{name}` must be one of {sorted(choices)}. "
+            f"`{name}` must be one of {list(choices)}. "
             f"Received: {name}={value!r}"
         )
     return value
