@@ -1,8 +1,9 @@
 """keras-moe: mixture-of-experts layers and models for Keras 3."""
 
+from keras_moe import analysis
 from keras_moe import data
 from keras_moe import layers
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "layers", "__version__"]
+__all__ = ["analysis", "data", "layers", "__version__"]

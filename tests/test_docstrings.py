@@ -16,7 +16,7 @@ import pytest
 
 import keras_moe
 
-PUBLIC_MODULES = ["keras_moe.layers", "keras_moe.data"]
+PUBLIC_MODULES = ["keras_moe.layers", "keras_moe.data", "keras_moe.analysis"]
 FENCE = re.compile(r"```python\n(.*?)```", re.S)
 
 
