@@ -355,8 +355,9 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
         else:
             rows = offsets * num_patches + indices
             num_rows = batch * num_patches
-        outputs = ops.scatter(
-            ops.reshape(rows, (-1, 1)), updates, (num_rows, patch_out)
+        # A segment sum is a vectorized scatter-add on every backend.
+        outputs = ops.segment_sum(
+            updates, ops.reshape(rows, (-1,)), num_segments=num_rows
         )
         if self.combine == "concat":
             outputs = ops.reshape(

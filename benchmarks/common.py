@@ -1,0 +1,141 @@
+"""Timing helpers shared by the benchmarks.
+
+Every benchmark compares a candidate with a baseline measured in the same
+process, and reports the ratio of their median times; absolute times depend
+on the machine, ratios much less.
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import keras
+import numpy as np
+
+
+def machine():
+    """A short description of where the numbers were measured."""
+    info = {
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    backend = info["backend"]
+    if backend == "jax":
+        import jax
+
+        info["jax"] = jax.__version__
+        info["device"] = str(jax.devices()[0])
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        info["tensorflow"] = tf.__version__
+        gpus = tf.config.list_physical_devices("GPU")
+        info["device"] = "gpu" if gpus else "cpu"
+    else:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return info
+
+
+def time_function(fn, warmup=2, repeats=5):
+    """Median and spread of the wall time of `fn()` after `warmup` calls.
+
+    `fn` must block until its work is done (return NumPy values or call
+    `keras.ops.convert_to_numpy` on its result).
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": repeats,
+    }
+
+
+def train_step_timer(model, x, y, loss="mse", jit=True):
+    """A function that runs one training step of `model` on `(x, y)`."""
+    model.compile(
+        optimizer=keras.optimizers.SGD(1e-3),
+        loss=loss,
+        jit_compile=jit and keras.backend.backend() != "torch",
+    )
+
+    def step():
+        logs = model.train_on_batch(x, y, return_dict=True)
+        return float(np.asarray(next(iter(logs.values()))))
+
+    return step
+
+
+def predict_timer(model, x):
+    """A function that runs one compiled forward pass of `model` on `x`."""
+
+    def forward():
+        return keras.ops.convert_to_numpy(
+            keras.tree.flatten(model.predict_on_batch(x))[0]
+        )
+
+    return forward
+
+
+def ratio_row(name, candidate, baseline, target=None, lower_is_better=True):
+    """One result row: the two timings, their ratio and the target."""
+    ratio = candidate["median_s"] / baseline["median_s"]
+    row = {
+        "name": name,
+        "candidate": candidate,
+        "baseline": baseline,
+        "ratio": ratio,
+        "target": target,
+    }
+    if target is not None:
+        row["meets_target"] = (
+            ratio <= target if lower_is_better else ratio >= target
+        )
+    return row
+
+
+def print_table(title, rows):
+    print(f"\n{title} (backend: {keras.backend.backend()})")
+    print(
+        "| case | candidate median (ms) | baseline median (ms) | ratio "
+        "| target | met |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        target = row.get("target")
+        met = row.get("meets_target")
+        print(
+            f"| {row['name']} | {1e3 * row['candidate']['median_s']:.1f} | "
+            f"{1e3 * row['baseline']['median_s']:.1f} | {row['ratio']:.3f} | "
+            f"{'-' if target is None else target} | "
+            f"{'-' if met is None else ('yes' if met else 'NO')} |"
+        )
+
+
+def write_json(path, benchmark, rows, **extra):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "benchmark": benchmark,
+                "machine": machine(),
+                "rows": rows,
+                **extra,
+            },
+            f,
+            indent=2,
+        )
