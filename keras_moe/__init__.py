@@ -3,7 +3,8 @@
 from keras_moe import analysis
 from keras_moe import data
 from keras_moe import layers
+from keras_moe import models
 
 __version__ = "0.1.0"
 
-__all__ = ["analysis", "data", "layers", "__version__"]
+__all__ = ["analysis", "data", "layers", "models", "__version__"]

@@ -16,7 +16,12 @@ import pytest
 
 import keras_moe
 
-PUBLIC_MODULES = ["keras_moe.layers", "keras_moe.data", "keras_moe.analysis"]
+PUBLIC_MODULES = [
+    "keras_moe.layers",
+    "keras_moe.models",
+    "keras_moe.data",
+    "keras_moe.analysis",
+]
 FENCE = re.compile(r"```python\n(.*?)```", re.S)
 
 
