@@ -4,7 +4,8 @@ from keras_moe import analysis
 from keras_moe import data
 from keras_moe import layers
 from keras_moe import models
+from keras_moe import training
 
 __version__ = "0.1.0"
 
-__all__ = ["analysis", "data", "layers", "models", "__version__"]
+__all__ = ["analysis", "data", "layers", "models", "training", "__version__"]

@@ -548,4 +548,6 @@ def _subset(dataset, size, limit, seed):
     keep[chosen] = True
     keep = tf.constant(keep)
     dataset = dataset.enumerate().filter(lambda i, example: keep[i])
-    return dataset.map(lambda i, example: example), limit
+    dataset = dataset.map(lambda i, example: example)
+    # Filtering hides the size; state it so that `fit` knows its steps.
+    return dataset.apply(tf.data.experimental.assert_cardinality(limit)), limit

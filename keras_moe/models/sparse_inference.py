@@ -27,15 +27,11 @@ from keras import ops
 from keras import tree
 
 from keras_moe.layers import GatedConv2D
+from keras_moe.models._graph import CHANNELWISE
+from keras_moe.models._graph import FunctionalGraph
+from keras_moe.models._graph import ids as _ids
 
 STRATEGIES = ("union", "per_example")
-# Layers that act on each channel separately: a subset of their input
-# channels gives the same subset of their output channels.
-_CHANNELWISE = (
-    keras.layers.BatchNormalization,
-    keras.layers.ReLU,
-    keras.layers.Activation,
-)
 
 
 def _no_gradient_tracking():
@@ -45,34 +41,6 @@ def _no_gradient_tracking():
 
         return torch.no_grad()
     return contextlib.nullcontext()
-
-
-def _ids(structure):
-    return [id(t) for t in tree.flatten(structure)]
-
-
-class _Graph:
-    """The functional graph of a model, read from public layer attributes."""
-
-    def __init__(self, model):
-        if not isinstance(model, keras.Model) or not hasattr(model, "inputs"):
-            raise ValueError(
-                "`model` must be a functional Keras model. "
-                f"Received: model={model!r}"
-            )
-        self.model = model
-        self.producer = {}
-        self.consumers = {}
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.InputLayer):
-                continue
-            for tensor_id in _ids(layer.output):
-                self.producer[tensor_id] = layer
-            for tensor_id in _ids(layer.input):
-                self.consumers.setdefault(tensor_id, []).append(layer)
-        for tensor_id in _ids(model.outputs):
-            # A model output is a consumer that needs every channel.
-            self.consumers.setdefault(tensor_id, []).append(None)
 
 
 class _Executor:
@@ -124,7 +92,7 @@ class _Executor:
         single_use = len(self.graph.consumers.get(key, [])) == 1
         if key in self.values or producer is None or not single_use:
             return ops.take(self.full(tensor), active, axis=-1)
-        if isinstance(producer, _CHANNELWISE):
+        if isinstance(producer, CHANNELWISE):
             return _channelwise(
                 producer, self.channels(producer.input, active), active
             )
@@ -241,7 +209,7 @@ def sparse_predict(
             f"`strategy` must be one of {list(STRATEGIES)}. "
             f"Received: strategy={strategy!r}"
         )
-    graph = _Graph(model)
+    graph = FunctionalGraph(model)
     for layer in model.layers:
         data_format = getattr(layer, "data_format", "channels_last")
         if isinstance(layer, (keras.layers.Conv2D, GatedConv2D)) and (

@@ -1,0 +1,392 @@
+"""The DeepMoE objective inside `model.fit`, and the two-phase schedule."""
+
+import json
+import os
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_moe.analysis.flops import gated_flop_terms
+from keras_moe.layers import ShallowEmbedding
+from keras_moe.layers import SparseGatingHeads
+from keras_moe.layers import gate_l1
+
+
+def _check_weight(name, value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (value < 0)
+    ):
+        raise ValueError(
+            f"`{name}` must be a non-negative number. Received: "
+            f"{name}={value!r}"
+        )
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class DeepMoETrainer(keras.Model):
+    """Trains a DeepMoE network on `J = L_b + lambda L_g + mu L_e`.
+
+    Wraps a network whose call returns `{"logits", "embedding_probs",
+    "gates"}` (the DeepMoE models of `keras_moe.models`) and applies the
+    DeepMoE objective (eq. 7) in `compute_loss`, so that plain `fit` and
+    `evaluate` train it on every backend:
+
+    - `L_b`: cross entropy of the logits (per pixel for segmentation
+      logits), with integer labels;
+    - `L_g`: the gate L1 norm of eq. 8, summed over the gated layers and
+      averaged over the batch (`keras_moe.layers.gate_l1`);
+    - `L_e`: cross entropy of the embedding's class prediction (skipped when
+      the network has no `"embedding_probs"` output).
+
+    The logs show `loss` (J), `base_loss`, `gate_loss`, `embedding_loss`,
+    `gate_density` (fraction of non-zero gates) and `flops_ratio` (effective
+    over dense FLOPs of the network under the batch's gates), next to the
+    compiled metrics, which see the logits. `predict` returns the logits.
+
+    Changing `lambda_gate` or `mu` takes effect at the next `compile`.
+
+    Args:
+        network: the DeepMoE network.
+        lambda_gate: float >= 0, the weight `lambda` of `L_g` (the paper
+            uses 0.001 to 8; larger values give sparser, cheaper networks).
+        mu: float >= 0, the weight of `L_e` (the paper: 1 on CIFAR, 0 on
+            ImageNet).
+        **kwargs: `keras.Model` keyword arguments.
+
+    Example:
+
+    ```python
+    network = keras_moe.models.DeepMoEResNet(20, num_classes=10)
+    trainer = keras_moe.training.DeepMoETrainer(network, lambda_gate=0.01)
+    trainer.compile(optimizer="sgd", metrics=["accuracy"])
+    x = np.random.rand(8, 32, 32, 3).astype("float32")
+    y = np.arange(8) % 10
+    logs = trainer.evaluate(x, y, verbose=0, return_dict=True)
+    sorted(k for k in logs if k.endswith("loss"))
+    # ['base_loss', 'embedding_loss', 'gate_loss', 'loss']
+    ```
+
+    Reference:
+        X. Wang et al., "Deep Mixture of Experts via Shallow Embedding",
+        UAI 2019, eq. 7-8 and Procedure 1.
+    """
+
+    def __init__(self, network, lambda_gate=1e-3, mu=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.network = network
+        self.lambda_gate = _check_weight("lambda_gate", lambda_gate)
+        self.mu = _check_weight("mu", mu)
+        self.base_loss_tracker = keras.metrics.Mean(name="base_loss")
+        self.gate_loss_tracker = keras.metrics.Mean(name="gate_loss")
+        self.embedding_loss_tracker = keras.metrics.Mean(name="embedding_loss")
+        self.gate_density_tracker = keras.metrics.Mean(name="gate_density")
+        self.flops_ratio_tracker = keras.metrics.Mean(name="flops_ratio")
+        dense, terms = gated_flop_terms(network)
+        self._dense_flops = float(dense)
+        self._gated_flops = [float(t) for t in terms]
+
+    def call(self, inputs, training=None):
+        return self.network(inputs, training=training)
+
+    def _terms(self, y, y_pred):
+        logits = ops.cast(y_pred["logits"], "float32")
+        base = ops.mean(
+            keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True
+            )
+        )
+        gates = y_pred.get("gates", [])
+        gate = gate_l1(gates) if gates else ops.zeros(())
+        if "embedding_probs" in y_pred:
+            embedding = ops.mean(
+                keras.losses.sparse_categorical_crossentropy(
+                    y, ops.cast(y_pred["embedding_probs"], "float32")
+                )
+            )
+        else:
+            embedding = ops.zeros(())
+        return base, gate, embedding
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        base, gate, embedding = self._terms(y, y_pred)
+        total = base + self.lambda_gate * gate + self.mu * embedding
+        for loss in self.losses:
+            total = total + ops.cast(loss, "float32")
+        return total
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        base, gate, embedding = self._terms(y, y_pred)
+        self.base_loss_tracker.update_state(base)
+        self.gate_loss_tracker.update_state(gate)
+        self.embedding_loss_tracker.update_state(embedding)
+        gates = y_pred.get("gates", [])
+        if gates:
+            active = [
+                ops.mean(ops.cast(ops.not_equal(g, 0), "float32"), axis=-1)
+                for g in gates
+            ]
+            total = sum(int(g.shape[-1]) for g in gates)
+            density = (
+                sum(
+                    ops.mean(a) * int(g.shape[-1])
+                    for a, g in zip(active, gates)
+                )
+                / total
+            )
+            saved = sum(
+                term * (1.0 - ops.mean(a))
+                for term, a in zip(self._gated_flops, active)
+            )
+            ratio = (self._dense_flops - saved) / self._dense_flops
+        else:
+            density = ratio = ops.ones(())
+        self.gate_density_tracker.update_state(density)
+        self.flops_ratio_tracker.update_state(ratio)
+        return super().compute_metrics(x, y, y_pred["logits"], sample_weight)
+
+    def predict(self, x, **kwargs):
+        """Runs the network; returns the logits only."""
+        return super().predict(x, **kwargs)["logits"]
+
+    def set_phase(self, phase):
+        """Configures the trainer for phase 1 (joint) or 2 (fine-tune).
+
+        Phase 2 sets `lambda_gate = mu = 0` and freezes the
+        `ShallowEmbedding` and `SparseGatingHeads` layers (Procedure 1,
+        line 10). Recompile with a new optimizer instance afterwards.
+
+        Args:
+            phase: 1 or 2.
+        """
+        if phase not in (1, 2):
+            raise ValueError(f"`phase` must be 1 or 2. Received: {phase!r}")
+        frozen = phase == 2
+        for layer in self.network.layers:
+            if isinstance(layer, (ShallowEmbedding, SparseGatingHeads)):
+                layer.trainable = not frozen
+        if frozen:
+            self.lambda_gate = 0.0
+            self.mu = 0.0
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "network": keras.saving.serialize_keras_object(self.network),
+            "lambda_gate": self.lambda_gate,
+            "mu": self.mu,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["network"] = keras.saving.deserialize_keras_object(
+            config["network"]
+        )
+        return cls(**config)
+
+
+def paper_schedule(base_lr=0.1, boundaries=(150, 250), factor=0.1):
+    """The paper's step learning rate, as a function of the epoch.
+
+    Args:
+        base_lr: the initial learning rate.
+        boundaries: epochs at which the rate is multiplied by `factor`
+            (the paper's CIFAR schedule: 0.1, divided by 10 at epochs 150
+            and 250 of 350).
+        factor: the multiplier at each boundary.
+
+    Returns:
+        A function `epoch -> learning rate`, for `train_two_phase` or
+        `keras.callbacks.LearningRateScheduler`.
+    """
+    boundaries = tuple(boundaries)
+
+    def schedule(epoch):
+        return base_lr * factor ** sum(epoch >= b for b in boundaries)
+
+    return schedule
+
+
+class _EpochScheduler(keras.callbacks.Callback):
+    """Sets the optimizer's learning rate from the global epoch."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = schedule
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.optimizer.learning_rate.assign(float(self.schedule(epoch)))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(
+                ops.convert_to_numpy(self.model.optimizer.learning_rate)
+            )
+
+
+class _Checkpoint(keras.callbacks.Callback):
+    """Saves weights, optimizer state and progress after every epoch."""
+
+    def __init__(self, directory, phase):
+        super().__init__()
+        self.directory = directory
+        self.phase = phase
+
+    def on_epoch_end(self, epoch, logs=None):
+        _save_state(self.model, self.directory, self.phase, epoch + 1, logs)
+
+
+def _state_path(directory):
+    return os.path.join(directory, "progress.json")
+
+
+def _save_state(model, directory, phase, epochs_done, logs):
+    os.makedirs(directory, exist_ok=True)
+    weights = os.path.join(directory, "checkpoint.weights.h5")
+    model.network.save_weights(weights + ".tmp.weights.h5")
+    os.replace(weights + ".tmp.weights.h5", weights)
+    history = []
+    if os.path.exists(_state_path(directory)):
+        with open(_state_path(directory)) as f:
+            history = json.load(f)["history"]
+    history.append(
+        {
+            "phase": phase,
+            "epoch": epochs_done,
+            **{k: float(v) for k, v in (logs or {}).items()},
+        }
+    )
+    with open(_state_path(directory) + ".tmp", "w") as f:
+        json.dump(
+            {"phase": phase, "epochs_done": epochs_done, "history": history}, f
+        )
+    os.replace(_state_path(directory) + ".tmp", _state_path(directory))
+
+
+def train_two_phase(
+    trainer,
+    train_data,
+    joint_epochs,
+    finetune_epochs,
+    optimizer_fn=None,
+    learning_rate=None,
+    validation_data=None,
+    metrics=("accuracy",),
+    checkpoint_dir=None,
+    callbacks=None,
+    verbose="auto",
+):
+    """DeepMoE's two-phase training (Procedure 1) in one call.
+
+    Phase 1 trains everything for `joint_epochs` epochs on the full
+    objective. Phase 2 sets `lambda = mu = 0`, freezes the embedding network
+    and the gating heads, and fine-tunes the base network for
+    `finetune_epochs` epochs. The trainer is recompiled between the phases
+    with a new optimizer from `optimizer_fn` (JAX needs a new optimizer
+    when the trainable variables change, and TensorFlow would otherwise
+    keep updating the frozen layers).
+
+    The learning rate is set at the start of every epoch from
+    `learning_rate(epoch)`, with the epoch counted across both phases, so
+    the schedule runs on through phase 2 (the paper: `paper_schedule()`,
+    0.1 divided by 10 at epochs 150 and 250, with 270 joint and 80
+    fine-tuning epochs).
+
+    With `checkpoint_dir`, the weights, the phase and the epoch are saved
+    after every epoch, and a call with the same directory resumes where the
+    last run stopped, in the right phase. The optimizer's slots (momentum)
+    are not saved: a resumed run restarts them, which costs a few steps of
+    momentum warm-up and nothing else.
+
+    Args:
+        trainer: a `DeepMoETrainer`.
+        train_data: training data for `fit` (a dataset or `(x, y)` arrays).
+        joint_epochs: int, `n_0`.
+        finetune_epochs: int, `n_1`.
+        optimizer_fn: function returning a new optimizer; defaults to SGD
+            with momentum 0.9 and Nesterov.
+        learning_rate: optional function `epoch -> learning rate`.
+        validation_data: optional validation data for `fit`.
+        metrics: metrics compiled on the logits.
+        checkpoint_dir: optional directory for resumable checkpoints.
+        callbacks: optional extra callbacks for both phases.
+        verbose: `fit` verbosity.
+
+    Returns:
+        A dict of lists: every logged value per epoch across both phases,
+        plus `"phase"` and `"epoch"`.
+    """
+    for name, value in (
+        ("joint_epochs", joint_epochs),
+        ("finetune_epochs", finetune_epochs),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"`{name}` must be a non-negative integer. Received: "
+                f"{name}={value!r}"
+            )
+    if not isinstance(trainer, DeepMoETrainer):
+        raise ValueError(
+            f"`trainer` must be a DeepMoETrainer. Received: trainer={trainer!r}"
+        )
+    optimizer_fn = optimizer_fn or (
+        lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True)
+    )
+    if isinstance(train_data, tuple):
+        x, y = train_data
+        fit_data = dict(x=x, y=y)
+    else:
+        fit_data = dict(x=train_data)
+    weights = (trainer.lambda_gate, trainer.mu)
+    done, history = 0, []
+    if checkpoint_dir and os.path.exists(_state_path(checkpoint_dir)):
+        with open(_state_path(checkpoint_dir)) as f:
+            state = json.load(f)
+        done, history = state["epochs_done"], state["history"]
+        trainer.set_phase(state["phase"])
+        trainer.network.load_weights(
+            os.path.join(checkpoint_dir, "checkpoint.weights.h5")
+        )
+    total = joint_epochs + finetune_epochs
+    for phase, (start, stop) in (
+        (1, (0, joint_epochs)),
+        (2, (joint_epochs, total)),
+    ):
+        if done >= stop:
+            continue
+        if phase == 1:
+            trainer.set_phase(1)
+            trainer.lambda_gate, trainer.mu = weights
+        else:
+            trainer.set_phase(2)
+        trainer.compile(optimizer=optimizer_fn(), metrics=list(metrics))
+        phase_callbacks = list(callbacks or [])
+        if learning_rate is not None:
+            phase_callbacks.append(_EpochScheduler(learning_rate))
+        if checkpoint_dir:
+            phase_callbacks.append(_Checkpoint(checkpoint_dir, phase))
+        result = trainer.fit(
+            **fit_data,
+            initial_epoch=max(done, start),
+            epochs=stop,
+            validation_data=validation_data,
+            callbacks=phase_callbacks,
+            verbose=verbose,
+        )
+        for i, epoch in enumerate(result.epoch):
+            history.append(
+                {
+                    "phase": phase,
+                    "epoch": epoch + 1,
+                    **{k: float(v[i]) for k, v in result.history.items()},
+                }
+            )
+        done = stop
+    keys = sorted({k for row in history for k in row})
+    return {k: [row.get(k, np.nan) for row in history] for k in keys}

@@ -1,0 +1,229 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_moe.models import DeepMoEResNet
+from keras_moe.training import DeepMoETrainer
+from keras_moe.training import paper_schedule
+from keras_moe.training import train_two_phase
+from tests.testing import to_numpy
+
+
+def tiny_network(seed=0):
+    keras.utils.set_random_seed(seed)
+    return DeepMoEResNet(
+        8,
+        num_classes=4,
+        input_shape=(16, 16, 3),
+        variant="narrow",
+        embedding_layers=2,
+        embedding_filters=4,
+    )
+
+
+def quadrant_data(n=64, seed=0):
+    """Class c has a bright square in quadrant c: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 4
+    x = rng.normal(0.0, 0.3, size=(n, 16, 16, 3)).astype("float32")
+    for i, c in enumerate(y):
+        r, col = divmod(int(c), 2)
+        x[i, 8 * r : 8 * r + 8, 8 * col : 8 * col + 8] += 1.5
+    return x, y
+
+
+def weights_of(network, names):
+    return {
+        w.path: to_numpy(w)
+        for layer in network.layers
+        if layer.name in names
+        for w in layer.weights
+    }
+
+
+def test_loss_terms_and_logs():
+    network = tiny_network()
+    trainer = DeepMoETrainer(network, lambda_gate=0.01, mu=0.5)
+    trainer.compile(optimizer="sgd", metrics=["accuracy"])
+    x, y = quadrant_data(16)
+    logs = trainer.evaluate(x, y, return_dict=True, verbose=0)
+    out = to_numpy(network(x))
+    base = np.mean(
+        to_numpy(
+            keras.losses.sparse_categorical_crossentropy(
+                y, out["logits"], from_logits=True
+            )
+        )
+    )
+    gate = sum(g.sum(-1).mean() for g in out["gates"])
+    embedding = np.mean(-np.log(out["embedding_probs"][np.arange(16), y]))
+    assert logs["base_loss"] == pytest.approx(base, rel=1e-4)
+    assert logs["gate_loss"] == pytest.approx(gate, rel=1e-4)
+    assert logs["embedding_loss"] == pytest.approx(embedding, rel=1e-3)
+    assert logs["loss"] == pytest.approx(
+        base + 0.01 * gate + 0.5 * embedding, rel=1e-4
+    )
+    assert logs["gate_density"] == 1.0 and logs["flops_ratio"] == 1.0
+    assert trainer.predict(x, verbose=0).shape == (16, 4)
+
+
+def test_density_and_flops_ratio_follow_zero_gates():
+    network = tiny_network()
+    heads = network.get_layer("gating_heads")
+    kernel = to_numpy(heads.heads[0].kernel)
+    kernel[:, :8] = -1.0  # half of the first gated layer's gates are off
+    heads.heads[0].kernel.assign(kernel)
+    trainer = DeepMoETrainer(network)
+    trainer.compile(optimizer="sgd")
+    x, y = quadrant_data(8)
+    logs = trainer.evaluate(x, y, return_dict=True, verbose=0)
+    widths = [g.kernel.shape[2] for g in network.gated_layers]
+    assert logs["gate_density"] == pytest.approx(
+        (widths[0] / 2 + sum(widths[1:])) / sum(widths)
+    )
+    from keras_moe.analysis import gated_flop_terms
+
+    dense, terms = gated_flop_terms(network)
+    assert logs["flops_ratio"] == pytest.approx(
+        (dense - 0.5 * terms[0]) / dense, rel=1e-5
+    )
+
+
+def test_two_phase_freezes_gating_and_continues_the_schedule():
+    network = tiny_network()
+    trainer = DeepMoETrainer(network, lambda_gate=0.01, mu=1.0)
+    frozen_names = {"embedding", "gating_heads"}
+    snapshots = {}
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            snapshots[epoch] = (
+                weights_of(network, frozen_names),
+                weights_of(network, {"block1_conv1"}),
+            )
+
+    history = train_two_phase(
+        trainer,
+        quadrant_data(32),
+        joint_epochs=2,
+        finetune_epochs=2,
+        learning_rate=paper_schedule(0.1, boundaries=(1, 3)),
+        callbacks=[Snapshot()],
+        verbose=0,
+    )
+    assert history["phase"] == [1, 1, 2, 2]
+    assert history["epoch"] == [1, 2, 3, 4]
+    np.testing.assert_allclose(
+        history["learning_rate"], [0.1, 0.01, 0.01, 0.001], rtol=1e-6
+    )
+    # Phase 2: J = L_b.
+    np.testing.assert_allclose(
+        history["loss"][2:], history["base_loss"][2:], rtol=1e-5
+    )
+    assert history["loss"][0] > history["base_loss"][0]
+    for name, value in snapshots[1][0].items():
+        np.testing.assert_array_equal(snapshots[3][0][name], value)
+    assert any(
+        not np.array_equal(snapshots[3][1][k], v)
+        for k, v in snapshots[1][1].items()
+    )
+    # Phase 1 did train the gating.
+    assert any(
+        not np.array_equal(snapshots[0][0][k], v)
+        for k, v in snapshots[1][0].items()
+    )
+
+
+class StopAt(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt(f"stopped before epoch {epoch + 1}")
+
+
+@pytest.mark.parametrize("stop_epoch", [1, 3])
+def test_resume_after_interruption(tmp_path, stop_epoch):
+    x, y = quadrant_data(32)
+    kwargs = dict(
+        joint_epochs=2,
+        finetune_epochs=2,
+        checkpoint_dir=str(tmp_path),
+        verbose=0,
+        learning_rate=paper_schedule(0.05, boundaries=(3,)),
+    )
+    trainer = DeepMoETrainer(tiny_network(), lambda_gate=0.01)
+    with pytest.raises(KeyboardInterrupt):
+        train_two_phase(
+            trainer, (x, y), callbacks=[StopAt(stop_epoch)], **kwargs
+        )
+    saved = to_numpy([w for w in trainer.network.weights])
+    # A new process: fresh objects, same checkpoint directory.
+    resumed = DeepMoETrainer(tiny_network(seed=1), lambda_gate=0.01)
+    starts = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if not starts:
+                starts.append(
+                    (epoch, to_numpy([w for w in resumed.network.weights]))
+                )
+
+    history = train_two_phase(resumed, (x, y), callbacks=[Record()], **kwargs)
+    assert history["epoch"] == [1, 2, 3, 4]
+    assert history["phase"] == [1, 1, 2, 2]
+    # It started at the first epoch not done, from the saved weights.
+    assert starts[0][0] == stop_epoch
+    for a, b in zip(starts[0][1], saved):
+        np.testing.assert_array_equal(a, b)
+    if stop_epoch == 3:
+        heads = resumed.network.get_layer("gating_heads")
+        assert not heads.trainable and resumed.lambda_gate == 0.0
+
+
+def test_sparsity_term_lowers_gate_density_and_keeps_accuracy():
+    x, y = quadrant_data(128, seed=1)
+    results = {}
+    for lambda_gate in (0.0, 0.02):
+        trainer = DeepMoETrainer(tiny_network(), lambda_gate=lambda_gate)
+        trainer.compile(
+            optimizer=keras.optimizers.Adam(0.02), metrics=["accuracy"]
+        )
+        trainer.fit(x, y, epochs=8, batch_size=16, verbose=0)
+        results[lambda_gate] = trainer.evaluate(
+            x, y, return_dict=True, verbose=0
+        )
+    assert results[0.02]["gate_density"] < results[0.0]["gate_density"] - 0.2
+    assert results[0.02]["flops_ratio"] < results[0.0]["flops_ratio"] - 0.2
+    assert results[0.02]["accuracy"] > 0.6  # chance is 0.25
+
+
+def test_saving_the_trainer(tmp_path):
+    trainer = DeepMoETrainer(tiny_network(), lambda_gate=0.02, mu=0.3)
+    x, _ = quadrant_data(4)
+    path = str(tmp_path / "trainer.keras")
+    trainer.save(path)
+    loaded = keras.saving.load_model(path)
+    assert (loaded.lambda_gate, loaded.mu) == (0.02, 0.3)
+    np.testing.assert_allclose(
+        to_numpy(loaded(x)["logits"]),
+        to_numpy(trainer(x)["logits"]),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(lambda_gate=-1.0), "lambda_gate=-1.0"), (dict(mu="x"), "mu")],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DeepMoETrainer(tiny_network(), **kwargs)
+
+
+def test_invalid_schedule_arguments():
+    trainer = DeepMoETrainer(tiny_network())
+    with pytest.raises(ValueError, match="joint_epochs=-1"):
+        train_two_phase(trainer, quadrant_data(4), -1, 1)
