@@ -19,6 +19,7 @@ import keras_moe
 PUBLIC_MODULES = [
     "keras_moe.layers",
     "keras_moe.models",
+    "keras_moe.training",
     "keras_moe.data",
     "keras_moe.analysis",
 ]

@@ -48,3 +48,51 @@ def test_mnist_stacked_moe_smoke(tmp_path):
 def test_examples_have_a_cli(flag):
     for script in sorted((ROOT / "examples").glob("*.py")):
         assert "usage" in run_example(script.name, flag, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "model", ["wide_deepmoe_resnet20_cifar10", "resnet20_cifar10"]
+)
+def test_cifar_deepmoe_smoke_and_resume(tmp_path, model):
+    args = ["--smoke", "--model", model, "--output-dir", str(tmp_path)]
+    out = run_example("cifar_deepmoe.py", *args)
+    assert "test accuracy" in out and "FLOPs per image" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["backend"] == keras.backend.backend()
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    assert results["effective_mflops"] <= results["dense_mflops"]
+    assert (tmp_path / "curves.png").exists()
+    if "deepmoe" in model:
+        assert results["history"]["phase"] == [1, 2]
+        assert set(results["gate_density"]["per_layer"]) == {
+            "block1_conv2",
+            "block2_conv2",
+            "block3_conv2",
+        }
+        assert (tmp_path / "gate_density.png").exists()
+        # A second run finds every epoch done and only reports.
+        again = run_example("cifar_deepmoe.py", *args)
+        assert "test accuracy" in again
+
+
+def test_cifar_deepmoe_without_data_says_what_to_do(tmp_path):
+    env_dir = tmp_path / "no-such-folder"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "cifar_deepmoe.py"),
+            "--dataset",
+            "image_folder",
+            "--data-dir",
+            str(env_dir),
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
+    )
+    assert result.returncode != 0
+    assert "train/<class>" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,7 +1,21 @@
 """Model builders and model-level utilities."""
 
+from keras_moe.models.deepmoe_drn import DEEPMOE_DRN_PRESETS
+from keras_moe.models.deepmoe_drn import DeepMoEDRN
 from keras_moe.models.deepmoe_resnet import DEEPMOE_RESNET_PRESETS
 from keras_moe.models.deepmoe_resnet import DeepMoEResNet
+from keras_moe.models.deepmoe_vgg import DEEPMOE_VGG_PRESETS
+from keras_moe.models.deepmoe_vgg import WIDENING
+from keras_moe.models.deepmoe_vgg import DeepMoEVGG16
 from keras_moe.models.sparse_inference import sparse_predict
 
-__all__ = ["DEEPMOE_RESNET_PRESETS", "DeepMoEResNet", "sparse_predict"]
+__all__ = [
+    "DEEPMOE_DRN_PRESETS",
+    "DEEPMOE_VGG_PRESETS",
+    "DEEPMOE_RESNET_PRESETS",
+    "DeepMoEDRN",
+    "DeepMoEResNet",
+    "DeepMoEVGG16",
+    "WIDENING",
+    "sparse_predict",
+]

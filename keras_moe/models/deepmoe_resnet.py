@@ -233,13 +233,7 @@ class DeepMoEResNet(keras.Model):
         Returns:
             A `DeepMoEResNet`.
         """
-        if preset not in DEEPMOE_RESNET_PRESETS:
-            raise ValueError(
-                f"Unknown preset. Expected one of "
-                f"{sorted(DEEPMOE_RESNET_PRESETS)}. Received: "
-                f"preset={preset!r}"
-            )
-        return cls(**{**DEEPMOE_RESNET_PRESETS[preset], **overrides})
+        return build_preset(cls, DEEPMOE_RESNET_PRESETS, preset, overrides)
 
 
 class _Builder:
@@ -249,9 +243,19 @@ class _Builder:
         self.gated = gated
         self.dtype = dtype
 
-    def conv(self, x, filters, kernel_size, strides=1, gates=None, name=None):
+    def conv(
+        self,
+        x,
+        filters,
+        kernel_size,
+        strides=1,
+        gates=None,
+        name=None,
+        dilation_rate=1,
+    ):
         kwargs = dict(
             strides=strides,
+            dilation_rate=dilation_rate,
             padding="same",
             use_bias=False,
             kernel_initializer="he_normal",
@@ -286,7 +290,9 @@ class _Builder:
         y = self.bn_relu(y, f"{name}_2", relu=False)
         return self.add_relu(shortcut, y, name)
 
-    def bottleneck(self, x, width, inner, strides, gates, name, gate_both):
+    def bottleneck(
+        self, x, width, inner, strides, gates, name, gate_both, dilation=1
+    ):
         shortcut = self.shortcut(x, 4 * width, strides, name)
         first = inner if gate_both else width
         y = self.conv(x, first, 1, name=f"{name}_conv1")
@@ -298,6 +304,7 @@ class _Builder:
             strides=strides,
             gates=self.next_gate(gates) if gate_both else None,
             name=f"{name}_conv2",
+            dilation_rate=dilation,
         )
         y = self.bn_relu(y, f"{name}_2")
         y = self.conv(
@@ -314,6 +321,16 @@ class _Builder:
             [shortcut, y]
         )
         return keras.layers.ReLU(dtype=self.dtype, name=f"{name}_out")(x)
+
+
+def build_preset(cls, presets, preset, overrides):
+    """Builds `cls` from the configuration `presets[preset]`."""
+    if preset not in presets:
+        raise ValueError(
+            f"Unknown preset. Expected one of {sorted(presets)}. "
+            f"Received: preset={preset!r}"
+        )
+    return cls(**{**presets[preset], **overrides})
 
 
 def _validate(depth, num_classes, input_shape, variant, bottleneck):

@@ -55,6 +55,8 @@ class DeepMoETrainer(keras.Model):
             uses 0.001 to 8; larger values give sparser, cheaper networks).
         mu: float >= 0, the weight of `L_e` (the paper: 1 on CIFAR, 0 on
             ImageNet).
+        ignore_class: optional label left out of `L_b`, such as
+            Cityscapes' 255 for segmentation.
         **kwargs: `keras.Model` keyword arguments.
 
     Example:
@@ -75,11 +77,14 @@ class DeepMoETrainer(keras.Model):
         UAI 2019, eq. 7-8 and Procedure 1.
     """
 
-    def __init__(self, network, lambda_gate=1e-3, mu=1.0, **kwargs):
+    def __init__(
+        self, network, lambda_gate=1e-3, mu=1.0, ignore_class=None, **kwargs
+    ):
         super().__init__(**kwargs)
         self.network = network
         self.lambda_gate = _check_weight("lambda_gate", lambda_gate)
         self.mu = _check_weight("mu", mu)
+        self.ignore_class = ignore_class
         self.base_loss_tracker = keras.metrics.Mean(name="base_loss")
         self.gate_loss_tracker = keras.metrics.Mean(name="gate_loss")
         self.embedding_loss_tracker = keras.metrics.Mean(name="embedding_loss")
@@ -94,11 +99,19 @@ class DeepMoETrainer(keras.Model):
 
     def _terms(self, y, y_pred):
         logits = ops.cast(y_pred["logits"], "float32")
-        base = ops.mean(
-            keras.losses.sparse_categorical_crossentropy(
-                y, logits, from_logits=True
+        if self.ignore_class is None:
+            base = ops.mean(
+                keras.losses.sparse_categorical_crossentropy(
+                    y, logits, from_logits=True
+                )
             )
-        )
+        else:
+            valid = ops.cast(ops.not_equal(y, self.ignore_class), "float32")
+            labels = ops.where(ops.not_equal(y, self.ignore_class), y, 0)
+            per_pixel = keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True
+            )
+            base = ops.sum(per_pixel * valid) / ops.maximum(ops.sum(valid), 1.0)
         gates = y_pred.get("gates", [])
         gate = gate_l1(gates) if gates else ops.zeros(())
         if "embedding_probs" in y_pred:
@@ -180,6 +193,7 @@ class DeepMoETrainer(keras.Model):
             "network": keras.saving.serialize_keras_object(self.network),
             "lambda_gate": self.lambda_gate,
             "mu": self.mu,
+            "ignore_class": self.ignore_class,
         }
 
     @classmethod
@@ -388,5 +402,8 @@ def train_two_phase(
                 }
             )
         done = stop
+    if not trainer.compiled:
+        # Everything was done already: leave the trainer ready to evaluate.
+        trainer.compile(optimizer=optimizer_fn(), metrics=list(metrics))
     keys = sorted({k for row in history for k in row})
     return {k: [row.get(k, np.nan) for row in history] for k in keys}

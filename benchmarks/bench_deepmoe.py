@@ -1,0 +1,121 @@
+"""DeepMoE training cost against the same backbone without gating.
+
+(a) One training step of a wide DeepMoE-ResNet (embedding, gating heads,
+    gated convolutions, the three-term loss) against the plain ResNet of the
+    same widths, trained with plain cross entropy. Target: at most 1.15x.
+(e) The cost of the shallow embedding and the gating heads as a fraction of
+    the base network's FLOPs (the paper: about 2%).
+
+    KERAS_BACKEND=jax python benchmarks/bench_deepmoe.py --quick
+"""
+
+import argparse
+import os
+import sys
+
+import keras
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+from keras_moe.analysis import flop_report  # noqa: E402
+from keras_moe.models import DeepMoEResNet  # noqa: E402
+from keras_moe.training import DeepMoETrainer  # noqa: E402
+
+TARGET = 1.15
+
+
+def train_step_time(model, x, y, repeats, deepmoe):
+    if deepmoe:
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+            jit_compile=keras.backend.backend() != "torch",
+        )
+
+        def step():
+            logs = model.train_on_batch(x, y, return_dict=True)
+            return float(np.asarray(logs["loss"]))
+
+    else:
+        step = common.train_step_timer(
+            model,
+            x,
+            y,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    return common.time_function(step, repeats=repeats)
+
+
+def embedding_fraction(network):
+    report = flop_report(network)
+    gating = sum(
+        r["dense"]
+        for r in report.layers
+        if r["type"] in ("ShallowEmbedding", "SparseGatingHeads")
+    )
+    return gating / (report.dense - gating), report.dense - gating, gating
+
+
+def run(quick, output):
+    depths = [20] if quick else [20, 56]
+    batch = 32 if quick else 128
+    repeats = 3 if quick else 10
+    rows = []
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, size=batch)
+    for depth in depths:
+        keras.utils.set_random_seed(0)
+        deepmoe = DeepMoETrainer(
+            DeepMoEResNet(depth, num_classes=10, variant="wide"),
+            lambda_gate=1e-3,
+        )
+        plain = DeepMoEResNet(
+            depth, num_classes=10, variant="wide", gated=False
+        )
+        t_moe = train_step_time(deepmoe, x, y, repeats, deepmoe=True)
+        t_plain = train_step_time(plain, x, y, repeats, deepmoe=False)
+        row = common.ratio_row(
+            f"wide DeepMoE-ResNet-{depth} vs wide ResNet-{depth} "
+            f"(batch {batch})",
+            t_moe,
+            t_plain,
+            TARGET,
+        )
+        fraction, base, gating = embedding_fraction(deepmoe.network)
+        row.update(
+            {
+                "embedding_and_gating_mflops": gating / 1e6,
+                "base_network_mflops": base / 1e6,
+                "embedding_fraction": fraction,
+            }
+        )
+        rows.append(row)
+    common.print_table(
+        "DeepMoE train step vs the same backbone without gating", rows
+    )
+    for row in rows:
+        print(
+            f"{row['name']}: embedding + gating heads "
+            f"{row['embedding_and_gating_mflops']:.2f} MFLOPs = "
+            f"{100 * row['embedding_fraction']:.1f}% of the base network "
+            f"({row['base_network_mflops']:.0f} MFLOPs; the paper: about 2%)"
+        )
+    common.write_json(output, "deepmoe_train_step", rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    output = args.output or os.path.join(
+        "benchmarks", "results", keras.backend.backend(), "deepmoe.json"
+    )
+    run(args.quick, output)
+
+
+if __name__ == "__main__":
+    main()

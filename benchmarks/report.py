@@ -1,0 +1,133 @@
+"""Writes docs/benchmarks.md from the JSON results of the benchmarks.
+
+python benchmarks/run.py --quick && python benchmarks/report.py
+"""
+
+import argparse
+import glob
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TITLES = {
+    "deepmoe_train_step": "(a, e) DeepMoE train step vs the same backbone "
+    "without gating; cost of the embedding and gating heads",
+    "patch_moe_vs_masked_dense": "(b) PatchExpertChoiceMoE forward + "
+    "backward vs the masked dense formulation",
+    "wrn_pmoe_train_step": "(c) WRN-pMoE vs WRN train step",
+    "sparse_inference": "(d) Sparse inference vs dense",
+}
+INTRO = """# Benchmarks
+
+Measured by the scripts in `benchmarks/` (`python benchmarks/run.py
+--quick`, then `python benchmarks/report.py` writes this page). Each number
+is a ratio against a baseline timed in the same process: the median of
+repeated timings after warm-up (the spread, min to max, is in the JSON
+files under `benchmarks/results/`). Targets are those of the design
+document. Absolute times depend on the machine; ratios much less, but on a
+2-core CPU small kernels are dominated by per-operation overhead, which
+favours whichever side launches fewer operations.
+"""
+
+
+def machine_line(machine):
+    versions = ", ".join(
+        f"{k} {machine[k]}"
+        for k in ("keras", "jax", "tensorflow", "torch")
+        if k in machine
+    )
+    return (
+        f"{machine['backend']} backend on {machine.get('device', 'cpu')}, "
+        f"{machine['cpu_count']} CPU cores ({machine['processor']}); "
+        f"{versions}; Python {machine['python']}"
+    )
+
+
+def fmt(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def section(benchmark, results):
+    lines = [f"## {TITLES.get(benchmark, benchmark)}", ""]
+    for result in results:
+        lines.append(f"*{machine_line(result['machine'])}*")
+        lines.append("")
+        if benchmark == "sparse_inference":
+            lines += [
+                "| case | dense (ms) | sparse (ms) | speed-up | FLOP "
+                "reduction | speed-up / reduction | target | met |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for row in result["rows"]:
+                lines.append(
+                    f"| {row['name']} | "
+                    f"{1e3 * row['baseline']['median_s']:.1f} | "
+                    f"{1e3 * row['candidate']['median_s']:.1f} | "
+                    f"{row['speedup']:.2f}x | {row['flop_reduction']:.2f}x | "
+                    f"{row['speedup_over_flop_reduction']:.2f} | >= "
+                    f"{row['target']} | "
+                    f"{'yes' if row['meets_target'] else 'no'} |"
+                )
+        else:
+            lines += [
+                "| case | candidate (ms) | baseline (ms) | ratio | target "
+                "| met |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            for row in result["rows"]:
+                met = row.get("meets_target")
+                lines.append(
+                    f"| {row['name']} | "
+                    f"{1e3 * row['candidate']['median_s']:.1f} | "
+                    f"{1e3 * row['baseline']['median_s']:.1f} | "
+                    f"{fmt(row['ratio'])} | <= {row.get('target')} | "
+                    f"{'-' if met is None else ('yes' if met else 'no')} |"
+                )
+            extra = [
+                row for row in result["rows"] if "embedding_fraction" in row
+            ]
+            if extra:
+                lines.append("")
+                for row in extra:
+                    lines.append(
+                        f"- {row['name']}: the embedding and gating heads "
+                        f"cost {row['embedding_and_gating_mflops']:.2f} "
+                        f"MFLOPs, {100 * row['embedding_fraction']:.1f}% of "
+                        f"the base network's "
+                        f"{row['base_network_mflops']:.0f} MFLOPs (the "
+                        "paper: about 2%)."
+                    )
+        lines.append("")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument(
+        "--output",
+        default=os.path.join(HERE, "..", "docs", "benchmarks.md"),
+    )
+    parser.add_argument("--notes", help="a markdown file appended to the page")
+    args = parser.parse_args(argv)
+    by_benchmark = {}
+    for path in sorted(
+        glob.glob(os.path.join(args.results_dir, "*", "*.json"))
+    ):
+        with open(path) as f:
+            result = json.load(f)
+        by_benchmark.setdefault(result["benchmark"], []).append(result)
+    lines = [INTRO]
+    for benchmark in TITLES:
+        if benchmark in by_benchmark:
+            lines += section(benchmark, by_benchmark[benchmark])
+    if args.notes:
+        with open(args.notes) as f:
+            lines.append(f.read())
+    with open(args.output, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

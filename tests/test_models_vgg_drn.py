@@ -1,0 +1,144 @@
+import keras
+import numpy as np
+import pytest
+
+from keras_moe.layers import GatedConv2D
+from keras_moe.models import WIDENING
+from keras_moe.models import DeepMoEDRN
+from keras_moe.models import DeepMoEVGG16
+from keras_moe.training import DeepMoETrainer
+from tests.testing import to_numpy
+
+
+def conv_widths(model):
+    return [
+        layer.filters
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Conv2D)
+        and layer.name.startswith("conv")
+    ]
+
+
+@pytest.mark.parametrize("widening", list(WIDENING))
+def test_vgg_widths_follow_the_table(widening):
+    model = DeepMoEVGG16(num_classes=10, widening=widening, gated=False)
+    assert conv_widths(model) == list(WIDENING[widening])
+
+
+def test_vgg_table_values_and_equal_sizes():
+    assert (
+        WIDENING["W13-All"] == (128, 128, 256, 256, 405, 405, 405) + (615,) * 6
+    )
+    assert WIDENING["W1-Mid"][4] == 2990
+
+    def conv_params(widths):
+        params, channels = 0, 3
+        for width in widths:
+            params, channels = params + 9 * channels * width, width
+        return params
+
+    sizes = [conv_params(WIDENING[w]) for w in WIDENING if w]
+    assert max(sizes) / min(sizes) < 1.005
+
+
+def test_vgg_gates_every_convolution_but_the_first():
+    model = DeepMoEVGG16(num_classes=10)
+    x = np.zeros((2, 32, 32, 3), "float32")
+    out = model(x)
+    assert len(model.gated_layers) == len(out["gates"]) == 12
+    for gate, layer in zip(out["gates"], model.gated_layers):
+        assert gate.shape[-1] == layer.kernel.shape[2]
+    assert tuple(out["logits"].shape) == (2, 10)
+    assert not any(
+        isinstance(layer, GatedConv2D)
+        for layer in DeepMoEVGG16(num_classes=10, gated=False).layers
+    )
+
+
+def test_vgg_round_trip(tmp_path):
+    model = DeepMoEVGG16(num_classes=4, embedding_layers=2, embedding_filters=4)
+    x = np.random.default_rng(0).random((2, 32, 32, 3)).astype("float32")
+    path = str(tmp_path / "vgg.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        to_numpy(loaded(x)["logits"]),
+        to_numpy(model(x)["logits"]),
+        atol=1e-5,
+    )
+
+
+def test_drn_dilates_and_keeps_output_stride_8():
+    model = DeepMoEDRN(
+        num_classes=5,
+        input_shape=(32, 32, 3),
+        embedding_layers=3,
+        embedding_filters=4,
+    )
+    out = model(np.zeros((1, 32, 32, 3), "float32"))
+    assert tuple(out["logits"].shape) == (1, 32, 32, 5)
+    assert "embedding_probs" not in out
+    assert len(out["gates"]) == len(model.gated_layers) == 32
+    classifier = model.get_layer("classifier")
+    assert tuple(classifier.output.shape[1:3]) == (4, 4)  # stride 8
+    dilations = {
+        layer.name.split("_")[0]: layer.dilation_rate
+        for layer in model.layers
+        if layer.name.endswith("conv2")
+    }
+    assert dilations["block1"] == (1, 1)
+    assert dilations["block8"] == (2, 2)  # stage 4
+    assert dilations["block16"] == (4, 4)  # stage 5
+    plain = DeepMoEDRN(
+        num_classes=19, input_shape=(32, 32, 3), variant="narrow", gated=False
+    )
+    # ResNet-50's convolutions without the 1000-way classifier.
+    assert plain.count_params() == pytest.approx(23.5e6, rel=0.01)
+
+
+def test_drn_trains_with_ignore_label_and_mean_iou():
+    model = DeepMoEDRN(
+        num_classes=3,
+        input_shape=(16, 16, 3),
+        variant="narrow",
+        embedding_layers=2,
+        embedding_filters=4,
+    )
+    trainer = DeepMoETrainer(model, lambda_gate=1e-3, mu=0.0, ignore_class=255)
+    trainer.compile(
+        optimizer="sgd",
+        metrics=[
+            keras.metrics.MeanIoU(3, sparse_y_pred=False, ignore_class=255)
+        ],
+    )
+    rng = np.random.default_rng(1)
+    x = rng.random((4, 16, 16, 3)).astype("float32")
+    y = rng.integers(0, 3, size=(4, 16, 16))
+    y[:, :4] = 255
+    logs = trainer.fit(x, y, epochs=1, verbose=0).history
+    assert np.isfinite(logs["loss"][0]) and "mean_io_u" in logs
+    out = to_numpy(model(x))
+    logits = out["logits"]
+    valid = y != 255
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    labels = np.where(valid, y, 0)
+    picked = np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
+    expected = -(picked * valid).sum() / valid.sum()
+    ev = trainer.evaluate(x, y, return_dict=True, verbose=0)
+    assert ev["base_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, match",
+    [
+        (DeepMoEVGG16, dict(widening="W2"), "widening='W2'"),
+        (DeepMoEVGG16, dict(input_shape=(16, 16, 3)), "input_shape"),
+        (DeepMoEDRN, dict(input_shape=(30, 32, 3)), "input_shape"),
+        (DeepMoEDRN, dict(num_classes=0), "num_classes=0"),
+        (DeepMoEDRN, dict(bottleneck="Z"), "bottleneck='Z'"),
+    ],
+)
+def test_invalid_arguments(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
