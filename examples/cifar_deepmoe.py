@@ -14,7 +14,8 @@ output directory after every epoch; running the same command again resumes.
 
 The final report gives the test accuracy, dense and effective FLOPs, gate
 density per layer and time per epoch, and saves `results.json`,
-`curves.png` and `gate_density.png` in the output directory.
+`curves.png`, `gate_density.png` and `class_gates.png` (mean gate of the
+last gated layer's channels for every class) in the output directory.
 """
 
 import argparse
@@ -232,6 +233,12 @@ def main(argv=None):
         )
         analysis.plot_gate_density(
             stats, os.path.join(args.output_dir, "gate_density.png")
+        )
+        analysis.plot_class_gate_patterns(
+            stats,
+            layer=-1,
+            path=os.path.join(args.output_dir, "class_gates.png"),
+            class_names=info.class_names,
         )
     else:
         model, history, logs = train_baseline(

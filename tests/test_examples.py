@@ -70,6 +70,7 @@ def test_cifar_deepmoe_smoke_and_resume(tmp_path, model):
             "block3_conv2",
         }
         assert (tmp_path / "gate_density.png").exists()
+        assert (tmp_path / "class_gates.png").exists()
         # A second run finds every epoch done and only reports.
         again = run_example("cifar_deepmoe.py", *args)
         assert "test accuracy" in again

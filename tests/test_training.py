@@ -203,6 +203,7 @@ def test_sparsity_term_lowers_gate_density_and_keeps_accuracy():
 def test_saving_the_trainer(tmp_path):
     trainer = DeepMoETrainer(tiny_network(), lambda_gate=0.02, mu=0.3)
     x, _ = quadrant_data(4)
+    trainer(x)
     path = str(tmp_path / "trainer.keras")
     trainer.save(path)
     loaded = keras.saving.load_model(path)

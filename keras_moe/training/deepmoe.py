@@ -127,6 +127,7 @@ class DeepMoETrainer(keras.Model):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
+        """`J = L_b + lambda L_g + mu L_e`, plus any added model losses."""
         base, gate, embedding = self._terms(y, y_pred)
         total = base + self.lambda_gate * gate + self.mu * embedding
         for loss in self.losses:
@@ -134,6 +135,7 @@ class DeepMoETrainer(keras.Model):
         return total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Updates the loss terms, gate density, FLOPs ratio and metrics."""
         base, gate, embedding = self._terms(y, y_pred)
         self.base_loss_tracker.update_state(base)
         self.gate_loss_tracker.update_state(gate)
