@@ -34,20 +34,23 @@ def _float_outputs(outputs):
 
 
 def _training_model(inputs, outputs):
-    """A model whose single output is the mean of every float output.
+    """A model whose single output is a weighted mean of every float output.
 
     The layer's outputs may be nested (tuples, lists, dicts, int routing
     indices); folding them into one scalar per example makes one `fit` step
-    exercise gradients through all of them.
+    exercise gradients through all of them. The weights vary along each
+    output, so that outputs with a constant mean (softmax probabilities)
+    still get a gradient.
     """
+
+    def fold(t):
+        flat = ops.reshape(ops.cast(t, "float32"), (ops.shape(t)[0], -1))
+        weights = np.linspace(-1.0, 1.0, flat.shape[-1]).astype("float32")
+        weighted = ops.multiply(flat, ops.convert_to_tensor(weights))
+        return ops.mean(weighted, axis=-1, keepdims=True)
+
     terms = [
-        keras.layers.Lambda(
-            lambda t: ops.mean(
-                ops.reshape(ops.cast(t, "float32"), (ops.shape(t)[0], -1)),
-                axis=-1,
-                keepdims=True,
-            )
-        )(t)
+        keras.layers.Lambda(fold, output_shape=(1,))(t)
         for t in _float_outputs(outputs)
     ]
     target = terms[0] if len(terms) == 1 else keras.layers.Add()(terms)

@@ -40,3 +40,18 @@ def standardize_data_format(data_format):
     return check_choice(
         "data_format", data_format, ("channels_first", "channels_last")
     )
+
+
+def independent_initializer(initializer, index):
+    """A copy of `initializer` whose values are independent of other copies.
+
+    A Keras initializer instance draws the same values at every call (an
+    unseeded one fixes its seed when it is created), so sub-layers that share
+    one instance start identical: experts would be copies of each other.
+    Each sub-layer gets its own copy instead; a seeded initializer's seed is
+    offset by `index`, so seeded layers stay reproducible.
+    """
+    config = initializer.get_config()
+    if isinstance(config.get("seed"), int):
+        config = {**config, "seed": config["seed"] + index}
+    return initializer.__class__.from_config(config)

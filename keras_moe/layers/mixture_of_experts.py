@@ -3,6 +3,7 @@ from keras import ops
 
 from keras_moe.layers._validation import check_choice
 from keras_moe.layers._validation import check_positive_int
+from keras_moe.layers._validation import independent_initializer
 
 BALANCING_MODES = (None, "pause", "loss")
 
@@ -167,15 +168,19 @@ class MixtureOfExperts(keras.layers.Layer):
                 )
             features *= dim
         dense_kwargs = dict(
-            kernel_initializer=self.kernel_initializer,
             kernel_regularizer=self.kernel_regularizer,
             dtype=self.dtype_policy,
         )
+
+        def initializer(index):
+            return independent_initializer(self.kernel_initializer, index)
+
         if self.experts is None:
             self.expert_layers = [
                 keras.layers.Dense(
                     self.expert_units,
                     activation=self.expert_activation,
+                    kernel_initializer=initializer(i),
                     name=f"expert_{i}",
                     **dense_kwargs,
                 )
@@ -202,13 +207,17 @@ class MixtureOfExperts(keras.layers.Layer):
             self.gate_hidden = keras.layers.Dense(
                 self.gate_hidden_units,
                 activation="relu",
+                kernel_initializer=initializer(self.num_experts),
                 name="gate_hidden",
                 **dense_kwargs,
             )
             self.gate_hidden.build((None, features))
             gate_inputs = self.gate_hidden_units
         self.gate_logits = keras.layers.Dense(
-            self.num_experts, name="gate_logits", **dense_kwargs
+            self.num_experts,
+            kernel_initializer=initializer(self.num_experts + 1),
+            name="gate_logits",
+            **dense_kwargs,
         )
         self.gate_logits.build((None, gate_inputs))
         self.assignment_totals = self.add_weight(

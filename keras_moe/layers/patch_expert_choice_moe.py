@@ -4,6 +4,7 @@ from keras import ops
 from keras_moe.layers._validation import check_choice
 from keras_moe.layers._validation import check_positive_int
 from keras_moe.layers._validation import check_rank
+from keras_moe.layers._validation import independent_initializer
 from keras_moe.layers._validation import standardize_data_format
 
 GATING_MODES = ("softmax", "hard", "softmax_all")
@@ -206,7 +207,9 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
                     self.expert_kernel_size,
                     padding="same",
                     use_bias=self.expert_use_bias,
-                    kernel_initializer=self.expert_kernel_initializer,
+                    kernel_initializer=independent_initializer(
+                        self.expert_kernel_initializer, s
+                    ),
                     kernel_regularizer=self.expert_kernel_regularizer,
                     data_format="channels_last",
                     dtype=self.dtype_policy,

@@ -3,6 +3,7 @@ from keras import ops
 
 from keras_moe.layers._validation import check_positive_int
 from keras_moe.layers._validation import check_rank
+from keras_moe.layers._validation import independent_initializer
 from keras_moe.layers._validation import standardize_data_format
 
 
@@ -120,7 +121,9 @@ class ShallowEmbedding(keras.layers.Layer):
                 strides=2,
                 padding="same",
                 use_bias=not self.use_batch_norm,
-                kernel_initializer=self.kernel_initializer,
+                kernel_initializer=independent_initializer(
+                    self.kernel_initializer, i
+                ),
                 kernel_regularizer=self.kernel_regularizer,
                 data_format=self.data_format,
                 dtype=self.dtype_policy,
@@ -139,7 +142,9 @@ class ShallowEmbedding(keras.layers.Layer):
                 self.norms.append(norm)
         self.projection = keras.layers.Dense(
             self.embedding_dim,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=independent_initializer(
+                self.kernel_initializer, self.num_layers
+            ),
             kernel_regularizer=self.kernel_regularizer,
             dtype=self.dtype_policy,
             name="projection",
@@ -151,7 +156,9 @@ class ShallowEmbedding(keras.layers.Layer):
         ):
             self.class_head = keras.layers.Dense(
                 self.num_classes,
-                kernel_initializer=self.kernel_initializer,
+                kernel_initializer=independent_initializer(
+                    self.kernel_initializer, self.num_layers + 1
+                ),
                 kernel_regularizer=self.kernel_regularizer,
                 dtype=self.dtype_policy,
                 name="class_head",

@@ -3,6 +3,7 @@ from keras import ops
 
 from keras_moe.layers._validation import check_positive_int
 from keras_moe.layers._validation import check_rank
+from keras_moe.layers._validation import independent_initializer
 
 
 def gate_l1(gates):
@@ -134,7 +135,9 @@ class SparseGatingHeads(keras.layers.Layer):
                 width,
                 activation="relu",
                 use_bias=self.use_bias,
-                kernel_initializer=self.kernel_initializer,
+                kernel_initializer=independent_initializer(
+                    self.kernel_initializer, i
+                ),
                 bias_initializer=self.bias_initializer,
                 kernel_regularizer=self.kernel_regularizer,
                 dtype=self.dtype_policy,
