@@ -138,4 +138,12 @@ def write_json(path, benchmark, rows, **extra):
             },
             f,
             indent=2,
+            default=_plain,
         )
+
+
+def _plain(value):
+    """NumPy scalars (such as a comparison's bool) as plain JSON values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {value!r}")
