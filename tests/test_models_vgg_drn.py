@@ -96,6 +96,36 @@ def test_drn_dilates_and_keeps_output_stride_8():
     assert plain.count_params() == pytest.approx(23.5e6, rel=0.01)
 
 
+def test_drn_stage_blocks_and_widths():
+    model = DeepMoEDRN(
+        num_classes=3,
+        input_shape=(16, 24, 3),
+        embedding_layers=2,
+        embedding_filters=4,
+        stage_blocks=(1, 2, 1, 1),
+        stage_widths=(4, 8, 8, 16),
+    )
+    assert [layer.name for layer in model.gated_layers][-2:] == [
+        "block5_conv2",
+        "block5_conv3",
+    ]
+    assert model.get_layer("stem_conv").filters == 4
+    assert model.get_layer("block5_conv3").filters == 4 * 16
+    # Wide: the gated inner convolutions have twice the stage width.
+    assert model.get_layer("block3_conv2").filters == 2 * 8
+    assert model.get_layer("block4_conv2").dilation_rate == (2, 2)
+    assert tuple(model.get_layer("classifier").output.shape[1:3]) == (2, 3)
+    x = np.random.default_rng(0).random((2, 16, 24, 3)).astype("float32")
+    assert tuple(model(x)["logits"].shape) == (2, 16, 24, 3)
+    config = model.get_config()
+    assert config["stage_blocks"] == (1, 2, 1, 1)
+    clone = DeepMoEDRN.from_config(config)
+    clone.set_weights(model.get_weights())
+    np.testing.assert_allclose(
+        to_numpy(clone(x)["logits"]), to_numpy(model(x)["logits"]), atol=1e-5
+    )
+
+
 def test_drn_trains_with_ignore_label_and_mean_iou():
     model = DeepMoEDRN(
         num_classes=3,
@@ -137,6 +167,8 @@ def test_drn_trains_with_ignore_label_and_mean_iou():
         (DeepMoEDRN, dict(input_shape=(30, 32, 3)), "input_shape"),
         (DeepMoEDRN, dict(num_classes=0), "num_classes=0"),
         (DeepMoEDRN, dict(bottleneck="Z"), "bottleneck='Z'"),
+        (DeepMoEDRN, dict(stage_blocks=(3, 4, 6)), "stage_blocks"),
+        (DeepMoEDRN, dict(stage_widths=(8, 8, 0, 8)), "stage_widths"),
     ],
 )
 def test_invalid_arguments(cls, kwargs, match):

@@ -4,7 +4,6 @@ from keras_moe.layers import GatedConv2D
 from keras_moe.layers import ShallowEmbedding
 from keras_moe.layers import SparseGatingHeads
 from keras_moe.models.deepmoe_resnet import BOTTLENECKS
-from keras_moe.models.deepmoe_resnet import IMAGENET_BLOCKS
 from keras_moe.models.deepmoe_resnet import VARIANTS
 from keras_moe.models.deepmoe_resnet import _Builder
 from keras_moe.models.deepmoe_resnet import build_preset
@@ -37,6 +36,12 @@ class DeepMoEDRN(keras.Model):
         embedding_dim: int, the size of `e` (defaults to 64).
         embedding_layers: int, defaults to 5.
         embedding_filters: int, defaults to 32.
+        stage_blocks: four ints, the bottleneck blocks of each stage.
+            Defaults to `(3, 4, 6, 3)`, ResNet-50's; fewer blocks give a
+            smaller network of the same design (for quick experiments).
+        stage_widths: four ints, the bottleneck width of each stage (the
+            blocks output four times as many channels; the stem has the
+            first width). Defaults to `(64, 128, 256, 512)`.
         dtype: optional dtype policy.
         **kwargs: `keras.Model` keyword arguments.
 
@@ -65,10 +70,14 @@ class DeepMoEDRN(keras.Model):
         embedding_dim=64,
         embedding_layers=5,
         embedding_filters=32,
+        stage_blocks=(3, 4, 6, 3),
+        stage_widths=(64, 128, 256, 512),
         dtype=None,
         **kwargs,
     ):
         input_shape = tuple(input_shape)
+        stage_blocks = _four_positive_ints("stage_blocks", stage_blocks)
+        stage_widths = _four_positive_ints("stage_widths", stage_widths)
         if (
             len(input_shape) != 3
             or any(not isinstance(d, int) or d <= 0 for d in input_shape)
@@ -104,7 +113,7 @@ class DeepMoEDRN(keras.Model):
         # (width, strides, dilation) of every block: stages 4 and 5 dilate.
         plan = []
         for stage, (width, blocks) in enumerate(
-            zip((64, 128, 256, 512), IMAGENET_BLOCKS[50])
+            zip(stage_widths, stage_blocks)
         ):
             dilation = {2: 2, 3: 4}.get(stage, 1)
             for block in range(blocks):
@@ -134,7 +143,9 @@ class DeepMoEDRN(keras.Model):
 
         # === Functional Model ===
         builder = _Builder(gated, dtype)
-        x = builder.conv(images, 64, 7, strides=2, name="stem_conv")
+        x = builder.conv(
+            images, stage_widths[0], 7, strides=2, name="stem_conv"
+        )
         x = builder.bn_relu(x, "stem")
         x = keras.layers.MaxPooling2D(
             3, strides=2, padding="same", dtype=dtype, name="stem_pool"
@@ -176,6 +187,8 @@ class DeepMoEDRN(keras.Model):
         self.embedding_dim = embedding_dim
         self.embedding_layers = embedding_layers
         self.embedding_filters = embedding_filters
+        self.stage_blocks = stage_blocks
+        self.stage_widths = stage_widths
         self.dtype_name = dtype
 
     @property
@@ -195,6 +208,8 @@ class DeepMoEDRN(keras.Model):
             "embedding_dim": self.embedding_dim,
             "embedding_layers": self.embedding_layers,
             "embedding_filters": self.embedding_filters,
+            "stage_blocks": self.stage_blocks,
+            "stage_widths": self.stage_widths,
             "dtype": self.dtype_name,
             "name": self.name,
         }
@@ -215,6 +230,22 @@ class DeepMoEDRN(keras.Model):
             A `DeepMoEDRN`.
         """
         return build_preset(cls, DEEPMOE_DRN_PRESETS, preset, overrides)
+
+
+def _four_positive_ints(name, value):
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 4
+        or any(
+            isinstance(v, bool) or not isinstance(v, int) or v <= 0
+            for v in value
+        )
+    ):
+        raise ValueError(
+            f"`{name}` must be four positive integers, one per stage. "
+            f"Received: {name}={value!r}"
+        )
+    return tuple(value)
 
 
 DEEPMOE_DRN_PRESETS = {
