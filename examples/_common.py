@@ -1,0 +1,316 @@
+"""What the DeepMoE example scripts share: arguments, training, reports.
+
+The scripts next to this file import it as `_common`; it uses the public
+`keras_moe` API only. It is not a script of its own.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import keras
+import numpy as np
+
+from keras_moe import analysis
+from keras_moe import data
+from keras_moe.training import DeepMoETrainer
+from keras_moe.training import paper_schedule
+from keras_moe.training import train_two_phase
+
+
+def add_training_arguments(
+    parser,
+    joint_epochs,
+    finetune_epochs,
+    learning_rate,
+    lr_boundaries,
+    batch_size,
+    lambda_gate=1e-3,
+    mu=1.0,
+    weight_decay=1e-4,
+    nesterov=True,
+    output_dir="outputs",
+):
+    """Adds the schedule, optimizer and run options every example has."""
+    parser.add_argument(
+        "--joint-epochs",
+        type=int,
+        default=joint_epochs,
+        help="n0: joint training (baselines train joint + fine-tune epochs)",
+    )
+    parser.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=finetune_epochs,
+        help="n1: fine-tuning with the gating frozen and lambda = mu = 0",
+    )
+    parser.add_argument("--lambda-gate", type=float, default=lambda_gate)
+    parser.add_argument("--mu", type=float, default=mu)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--learning-rate", type=float, default=learning_rate)
+    parser.add_argument(
+        "--lr-boundaries",
+        type=int,
+        nargs="*",
+        default=list(lr_boundaries),
+        help="epochs at which the learning rate is divided by 10",
+    )
+    parser.add_argument("--weight-decay", type=float, default=weight_decay)
+    parser.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=nesterov,
+        help="Nesterov momentum (0.9)",
+    )
+    parser.add_argument("--max-train-examples", type=int)
+    parser.add_argument("--max-test-examples", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default=output_dir)
+
+
+def check_preset(name, presets, option="--model"):
+    if name not in presets:
+        raise SystemExit(
+            f"Unknown {option} {name!r}. Choose one of {sorted(presets)}."
+        )
+
+
+def load_or_exit(loader, *args, **kwargs):
+    """Calls a `keras_moe.data` loader; a missing dataset ends the script
+    with the loader's explanation instead of a traceback."""
+    try:
+        return loader(*args, **kwargs)
+    except data.DatasetNotAvailableError as error:
+        raise SystemExit(f"error: {error}")
+
+
+def per_example(dataset, transform, batch_size):
+    """Maps `transform` over the examples of a batched `tf.data` dataset."""
+    import tensorflow as tf
+
+    batches = dataset.cardinality()
+    dataset = dataset.unbatch().map(
+        transform, num_parallel_calls=tf.data.AUTOTUNE
+    )
+    dataset = dataset.batch(batch_size)
+    if batches >= 0:
+        # Unbatching hides the size; state it so that `fit` knows its steps.
+        dataset = dataset.apply(
+            tf.data.experimental.assert_cardinality(batches)
+        )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Logs the wall time of every epoch as `epoch_seconds`."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self.start
+
+
+def optimizer_fn(args):
+    """A function returning a new SGD optimizer with momentum 0.9."""
+
+    def make():
+        optimizer = keras.optimizers.SGD(
+            args.learning_rate,
+            momentum=0.9,
+            nesterov=args.nesterov,
+            weight_decay=args.weight_decay or None,
+        )
+        # Decay pulls the gating heads towards zero gates: leave sparsity
+        # to the L1 term.
+        optimizer.exclude_from_weight_decay(var_names=["gating_heads"])
+        return optimizer
+
+    return make
+
+
+def train(
+    network,
+    train_data,
+    validation_data,
+    args,
+    metrics,
+    gated,
+    loss=None,
+    ignore_class=None,
+):
+    """Trains a DeepMoE network in two phases, or a baseline with `fit`.
+
+    DeepMoE networks go through `train_two_phase` (checkpoints in
+    `<output-dir>/checkpoints`, resumed when present); baselines train for
+    `joint + fine-tune` epochs with the same learning-rate schedule and
+    `BackupAndRestore` in `<output-dir>/backup`.
+
+    Returns:
+        `(model, history)`: the compiled model to evaluate (the
+        `DeepMoETrainer` or the network) and the per-epoch history.
+    """
+    schedule = paper_schedule(args.learning_rate, args.lr_boundaries)
+    verbose = 2 if args.smoke else 1
+    if gated:
+        trainer = DeepMoETrainer(
+            network,
+            lambda_gate=args.lambda_gate,
+            mu=args.mu,
+            ignore_class=ignore_class,
+        )
+        history = train_two_phase(
+            trainer,
+            train_data,
+            joint_epochs=args.joint_epochs,
+            finetune_epochs=args.finetune_epochs,
+            optimizer_fn=optimizer_fn(args),
+            learning_rate=schedule,
+            validation_data=validation_data,
+            metrics=metrics,
+            checkpoint_dir=os.path.join(args.output_dir, "checkpoints"),
+            callbacks=[EpochTimer()],
+            verbose=verbose,
+        )
+        return trainer, history
+    network.compile(
+        optimizer=optimizer_fn(args)(),
+        loss=loss or keras.losses.SparseCategoricalCrossentropy(True),
+        metrics=list(metrics),
+    )
+    result = network.fit(
+        train_data,
+        epochs=args.joint_epochs + args.finetune_epochs,
+        validation_data=validation_data,
+        callbacks=[
+            keras.callbacks.LearningRateScheduler(schedule),
+            keras.callbacks.BackupAndRestore(
+                os.path.join(args.output_dir, "backup")
+            ),
+            EpochTimer(),
+        ],
+        verbose=verbose,
+    )
+    history = {k: list(map(float, v)) for k, v in result.history.items()}
+    history["epoch"] = [e + 1 for e in result.epoch]
+    return network, history
+
+
+def gate_report(
+    network,
+    gates,
+    output_dir,
+    labels=None,
+    class_names=None,
+    flops_network=None,
+):
+    """FLOPs under the measured gates, gate statistics and their figures.
+
+    Saves `gate_density.png`, and with labels `class_gates.png` (the mean
+    gate of the last gated layer's channels for every class).
+
+    Returns:
+        `(flop_report, gate_statistics)`.
+    """
+    flops = analysis.flop_report(flops_network or network, gates=gates)
+    stats = analysis.gate_statistics(
+        gates, labels, [layer.name for layer in network.gated_layers]
+    )
+    analysis.plot_gate_density(
+        stats, os.path.join(output_dir, "gate_density.png")
+    )
+    if labels is not None:
+        analysis.plot_class_gate_patterns(
+            stats,
+            layer=-1,
+            path=os.path.join(output_dir, "class_gates.png"),
+            class_names=class_names,
+        )
+    return flops, stats
+
+
+def plot_curves(history, path, panels):
+    """One panel per group of history keys, against the epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in panels if any(k in history for k in p)]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False
+    )
+    for ax, keys in zip(axes[0], panels):
+        for key in keys:
+            if key in history:
+                ax.plot(history["epoch"], history[key], label=key)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def results(args, info, network, history, flops, stats, gated, **metrics):
+    """The dict written to `results.json`."""
+    seconds = [s for s in history.get("epoch_seconds", []) if s == s]
+    return {
+        "model": args.model,
+        "dataset": info.name,
+        "backend": keras.backend.backend(),
+        "train_examples": info.num_train,
+        "test_examples": info.num_test,
+        "joint_epochs": args.joint_epochs,
+        "finetune_epochs": args.finetune_epochs,
+        "lambda_gate": args.lambda_gate if gated else None,
+        "mu": args.mu if gated else None,
+        **metrics,
+        "dense_mflops": flops.dense / 1e6,
+        "effective_mflops": flops.effective / 1e6,
+        "flops_ratio": flops.ratio,
+        "parameters": int(network.count_params()),
+        "seconds_per_epoch": float(np.mean(seconds)) if seconds else None,
+        "gate_density": None
+        if stats is None
+        else {
+            "overall": stats.overall_density,
+            "per_layer": dict(
+                zip(stats.layer_names, map(float, stats.density))
+            ),
+        },
+        "history": history,
+    }
+
+
+def _flops(value):
+    if value >= 1e9:
+        return f"{value / 1e9:.2f} G"
+    return f"{value / 1e6:.1f} M"
+
+
+def report(results, stats, metric_lines, output_dir, figures):
+    """Writes `results.json` and prints the final report."""
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print()
+    for line in metric_lines:
+        print(line)
+    dense, effective = results["dense_mflops"], results["effective_mflops"]
+    print(
+        f"FLOPs per image: dense {_flops(1e6 * dense)}, effective "
+        f"{_flops(1e6 * effective)} ({results['flops_ratio']:.2f} of dense)"
+    )
+    if stats is not None:
+        print(f"gate density {stats.overall_density:.3f}; per layer:")
+        print(
+            "  "
+            + ", ".join(
+                f"{n}: {d:.2f}"
+                for n, d in zip(stats.layer_names, stats.density)
+            )
+        )
+    if results["seconds_per_epoch"]:
+        print(f"{results['seconds_per_epoch']:.1f} s per epoch")
+    print(f"wrote {output_dir}/results.json, {', '.join(figures)}")
