@@ -65,6 +65,40 @@ def time_function(fn, warmup=2, repeats=5):
     }
 
 
+def time_interleaved(functions, warmup=2, repeats=5):
+    """`time_function` for several functions, timed in turns.
+
+    Each round times every function once, so that a change of the
+    machine's load during the run affects them alike.
+
+    Args:
+        functions: dict from name to function (see `time_function`).
+        warmup: untimed calls of each function first.
+        repeats: timed rounds.
+
+    Returns:
+        A dict from name to `time_function`'s result.
+    """
+    for fn in functions.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {
+            "median_s": statistics.median(values),
+            "min_s": min(values),
+            "max_s": max(values),
+            "repeats": repeats,
+        }
+        for name, values in times.items()
+    }
+
+
 def train_step_timer(model, x, y, loss="mse", jit=True):
     """A function that runs one training step of `model` on `(x, y)`."""
     model.compile(

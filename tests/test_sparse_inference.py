@@ -6,6 +6,7 @@ from keras import ops
 from keras_moe.layers import GatedConv2D
 from keras_moe.layers import ShallowEmbedding
 from keras_moe.layers import SparseGatingHeads
+from keras_moe.models import SparsePredictor
 from keras_moe.models import sparse_predict
 from tests.testing import to_numpy
 
@@ -45,14 +46,24 @@ def gated_resnet(seed=0):
     return model
 
 
-@pytest.mark.parametrize("strategy", ["union", "per_example"])
-def test_matches_dense_outputs(strategy):
+@pytest.mark.parametrize(
+    "strategy, compiled",
+    [
+        ("union", True),
+        ("per_example", True),
+        ("union", False),
+        ("per_example", False),
+    ],
+)
+def test_matches_dense_outputs(strategy, compiled):
     model = gated_resnet()
     x = np.random.default_rng(1).random((4, 8, 8, 3)).astype("float32")
     dense = to_numpy(model(x, training=False))
     gates = dense["gates"]
     assert 0.2 < np.mean([np.mean(g == 0) for g in gates]) < 0.8
-    sparse = to_numpy(sparse_predict(model, x, strategy=strategy))
+    sparse = to_numpy(
+        sparse_predict(model, x, strategy=strategy, compiled=compiled)
+    )
     assert set(sparse) == set(dense)
     np.testing.assert_allclose(
         sparse["logits"], dense["logits"], rtol=1e-4, atol=1e-4
@@ -107,6 +118,111 @@ def test_all_gates_zero():
     np.testing.assert_allclose(out, 1.0)
 
 
+def gated_pair(channels=8):
+    """A model whose gates are an input: any pattern can be asked for."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((6, 6, 3))
+    gates = keras.Input((channels,))
+    y = keras.layers.Conv2D(channels, 3, padding="same", name="producer")(
+        inputs
+    )
+    y = keras.layers.BatchNormalization(name="bn")(y)
+    y = keras.layers.ReLU()(y)
+    y = GatedConv2D(4, 3, padding="same", name="gated")(y, gates)
+    model = keras.Model([inputs, gates], y)
+    bn = model.get_layer("bn")
+    rng = np.random.default_rng(5)
+    bn.moving_mean.assign(rng.normal(size=channels))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, size=channels))
+    return model
+
+
+def pattern(active, batch=2, channels=8):
+    gates = np.zeros((batch, channels), "float32")
+    gates[:, active] = np.linspace(0.5, 1.5, len(active))
+    return gates
+
+
+@pytest.mark.parametrize("copy_weights", [True, False])
+def test_compiles_once_per_channel_count(copy_weights):
+    model = gated_pair()
+    x = np.random.default_rng(6).random((2, 6, 6, 3)).astype("float32")
+    predictor = SparsePredictor(model, copy_weights=copy_weights)
+    patterns = [[0, 3, 5], [1, 2, 7], [0, 3, 5], [0, 1, 2, 3, 4]]
+    for i, active in enumerate(patterns):
+        g = pattern(active)
+        out, channels = predictor.predict([x, g], return_channels=True)
+        np.testing.assert_allclose(
+            out, to_numpy(model([x, g])), rtol=1e-5, atol=1e-5
+        )
+        assert channels[0]["gated"] == (len(active), 8)
+        assert channels[0]["producer"] == (len(active), 8)
+    info = predictor.cache_info()
+    # Three active channels twice in new places, then five: two networks.
+    assert (info["misses"], info["hits"], info["compiled"]) == (2, 2, 2)
+    predictor.clear_cache()
+    assert predictor.cache_info()["compiled"] == 0
+
+
+def test_least_recently_used_network_is_dropped():
+    model = gated_pair()
+    x = np.random.default_rng(7).random((1, 6, 6, 3)).astype("float32")
+    predictor = SparsePredictor(model, max_cached=1)
+    for active in ([0], [0, 1], [0]):
+        predictor.predict([x, pattern(active, batch=1)])
+    info = predictor.cache_info()
+    assert (info["misses"], info["hits"], info["compiled"]) == (3, 0, 1)
+
+
+def test_count_buckets_pad_with_zero_gates():
+    model = gated_pair()
+    x = np.random.default_rng(8).random((2, 6, 6, 3)).astype("float32")
+    g = pattern([1, 4, 6])
+    predictor = SparsePredictor(model, count_buckets=2)
+    out, channels = predictor.predict([x, g], return_channels=True)
+    # Counts round up to a multiple of 8 / 2: four channels computed.
+    assert channels[0]["gated"] == (4, 8)
+    np.testing.assert_allclose(
+        out, to_numpy(model([x, g])), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("copy_weights", [True, False])
+def test_outputs_follow_changed_weights(copy_weights):
+    model = gated_pair()
+    x = np.random.default_rng(9).random((2, 6, 6, 3)).astype("float32")
+    g = pattern([2, 3, 6])
+    predictor = SparsePredictor(model, copy_weights=copy_weights)
+    before = predictor.predict([x, g])
+    rng = np.random.default_rng(10)
+    # Positive values keep the batch-norm variances valid.
+    model.set_weights(
+        [
+            rng.uniform(0.5, 1.5, w.shape).astype("float32")
+            for w in model.weights
+        ]
+    )
+    after = predictor.predict([x, g])
+    assert np.abs(after - before).max() > 1e-2
+    np.testing.assert_allclose(
+        after, to_numpy(model([x, g])), rtol=1e-4, atol=1e-4
+    )
+    assert predictor.cache_info()["reloads"] == int(copy_weights)
+
+
+def test_sparse_predict_reuses_its_compiled_networks():
+    model = gated_pair()
+    x = np.random.default_rng(11).random((2, 6, 6, 3)).astype("float32")
+    for active in ([1, 5], [0, 7]):
+        sparse_predict(model, [x, pattern(active)])
+    predictor = SparsePredictor(model)
+    assert predictor.cache_info()["compiled"] == 0
+    from keras_moe.models import sparse_inference
+
+    kept = sparse_inference._predictor(model, "union").cache_info()
+    assert (kept["misses"], kept["hits"]) == (1, 1)
+
+
 def test_invalid_arguments():
     model = gated_resnet()
     x = np.zeros((1, 8, 8, 3), "float32")
@@ -114,3 +230,17 @@ def test_invalid_arguments():
         sparse_predict(model, x, strategy="dense")
     with pytest.raises(ValueError, match="functional"):
         sparse_predict(keras.layers.Dense(2), x)
+    with pytest.raises(ValueError, match="compiled='yes'"):
+        sparse_predict(model, x, compiled="yes")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        sparse_predict(model, x, batch_size=0)
+    with pytest.raises(ValueError, match="count_buckets=0"):
+        SparsePredictor(model, count_buckets=0)
+    with pytest.raises(ValueError, match="max_cached=-1"):
+        SparsePredictor(model, max_cached=-1)
+    with pytest.raises(ValueError, match="copy_weights=1"):
+        SparsePredictor(model, copy_weights=1)
+    inputs = keras.Input((4,))
+    plain = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    with pytest.raises(ValueError, match="no GatedConv2D"):
+        SparsePredictor(plain)

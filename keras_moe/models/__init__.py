@@ -7,6 +7,7 @@ from keras_moe.models.deepmoe_resnet import DeepMoEResNet
 from keras_moe.models.deepmoe_vgg import DEEPMOE_VGG_PRESETS
 from keras_moe.models.deepmoe_vgg import WIDENING
 from keras_moe.models.deepmoe_vgg import DeepMoEVGG16
+from keras_moe.models.sparse_inference import SparsePredictor
 from keras_moe.models.sparse_inference import sparse_predict
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "DeepMoEVGG16",
     "WIDENING",
     "sparse_predict",
+    "SparsePredictor",
 ]
