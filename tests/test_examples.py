@@ -97,3 +97,39 @@ def test_cifar_deepmoe_without_data_says_what_to_do(tmp_path):
     assert result.returncode != 0
     assert "train/<class>" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_pmoe_synthetic_mnist_smoke(tmp_path):
+    out = run_example(
+        "pmoe_synthetic_mnist.py", "--smoke", "--output-dir", str(tmp_path)
+    )
+    assert "| pMoE (separate training) |" in out and "| CNN |" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["backend"] == keras.backend.backend()
+    assert set(results["summary"]) == {"separate", "joint", "cnn"}
+    separate = results["runs"]["separate"]["40"][0]
+    assert 0.0 <= separate["test_accuracy"] <= 1.0
+    # The top-8 patches of a router hold its class digit at least as often
+    # as its top patch.
+    assert separate["routing"]["top_8"] >= separate["routing"]["top_1"]
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_pmoe_synthetic_mnist_without_data_says_what_to_do(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "pmoe_synthetic_mnist.py"),
+            "--mnist-path",
+            str(tmp_path / "missing.npz"),
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
+    )
+    assert result.returncode != 0
+    assert "No MNIST file" in result.stderr
+    assert "Traceback" not in result.stderr

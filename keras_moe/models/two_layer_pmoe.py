@@ -48,9 +48,11 @@ class TwoLayerPMoE(keras.Model):
         gating: `"softmax"`, `"hard"` or `"softmax_all"`.
         train_output_layer: bool, whether the output weights `a` train.
         expert_initializer: initializer of the neurons `w_{r,s}` (eq. 8).
+            Defaults to `RandomNormal(stddev=0.1)`.
         router_initializer: initializer of the routers `w_s` (eq. 7: small
-            random values).
+            random values). Defaults to `RandomNormal(stddev=1e-4)`.
         output_initializer: initializer of the output weights `a`.
+            Defaults to `RandomNormal(stddev=1.0)`.
         dtype: optional dtype policy of every layer.
         **kwargs: `keras.Model` keyword arguments such as `name`.
 
@@ -94,7 +96,7 @@ class TwoLayerPMoE(keras.Model):
         if expert_initializer is None:
             expert_initializer = {
                 "class_name": "RandomNormal",
-                "config": {"stddev": 0.01},
+                "config": {"stddev": 0.1},
             }
         if router_initializer is None:
             router_initializer = {
@@ -206,8 +208,10 @@ class TwoLayerCNN(keras.Model):
         input_shape: tuple `(height, width, channels)`.
         num_classes: int, 2 for one logit, more for one logit per class.
         train_output_layer: bool, whether the output weights `a` train.
-        expert_initializer: initializer of the neurons `w_r`.
+        expert_initializer: initializer of the neurons `w_r`. Defaults to
+            `RandomNormal(stddev=0.1)`.
         output_initializer: initializer of the output weights `a`.
+            Defaults to `RandomNormal(stddev=1.0)`.
         dtype: optional dtype policy of every layer.
         **kwargs: `keras.Model` keyword arguments such as `name`.
 
@@ -245,7 +249,7 @@ class TwoLayerCNN(keras.Model):
         if expert_initializer is None:
             expert_initializer = {
                 "class_name": "RandomNormal",
-                "config": {"stddev": 0.01},
+                "config": {"stddev": 0.1},
             }
         if output_initializer is None:
             output_initializer = {
