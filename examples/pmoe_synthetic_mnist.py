@@ -53,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--mnist-path", help="path to mnist.npz")
     parser.add_argument(
         "--sample-sizes",
-        default="100,200,300,500,700,1000",
+        default="100,200,300,500,700,1000,1500",
         help="comma-separated numbers of training samples",
     )
     parser.add_argument("--seeds", type=int, default=3)
@@ -319,6 +319,18 @@ def print_report(summary, results, args):
             rates = "  ".join(
                 f"l={t[4:]}: {np.mean([r['routing'][t] for r in runs]):.3f}"
                 for t in tops
+            )
+            print(f"  N={n}: {rates}")
+    if "joint" in args.models:
+        print("\njoint-training routers: class digit gets an expert's largest")
+        print("gate (fraction of test samples per class, mean over seeds;")
+        print("pMoE figure 9)")
+        for n in args.sample_sizes:
+            runs = results["joint"][str(n)]
+            per_class = [r["routing"]["top_1_per_class"] for r in runs]
+            rates = "  ".join(
+                f"class {c}: {np.mean([p[c] for p in per_class]):.3f}"
+                for c in sorted(per_class[0])
             )
             print(f"  N={n}: {rates}")
 
