@@ -8,6 +8,8 @@ from keras_moe.models.deepmoe_vgg import DEEPMOE_VGG_PRESETS
 from keras_moe.models.deepmoe_vgg import WIDENING
 from keras_moe.models.deepmoe_vgg import DeepMoEVGG16
 from keras_moe.models.sparse_inference import sparse_predict
+from keras_moe.models.wrn import WRN_PRESETS
+from keras_moe.models.wrn import WideResNet
 
 __all__ = [
     "DEEPMOE_DRN_PRESETS",
@@ -18,4 +20,6 @@ __all__ = [
     "DeepMoEVGG16",
     "WIDENING",
     "sparse_predict",
+    "WRN_PRESETS",
+    "WideResNet",
 ]
