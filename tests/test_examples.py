@@ -133,3 +133,59 @@ def test_pmoe_synthetic_mnist_without_data_says_what_to_do(tmp_path):
     assert result.returncode != 0
     assert "No MNIST file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "script, args, pmoe_parameters",
+    [
+        # WRN-10-1: 4 experts of 1x1x64x16 (+ bias), routers on 1x1x64.
+        ("cifar_wrn_pmoe.py", [], 4 * (64 * 16 + 16) + 64 * 4),
+        # 8 experts of 3x3x64x8 (+ bias), routers on 4x4x64 patches.
+        (
+            "celeba_wrn_pmoe.py",
+            ["--task", "smiling_eyeglasses"],
+            8 * (3 * 3 * 64 * 8 + 8) + 4 * 4 * 64 * 8,
+        ),
+    ],
+)
+def test_wrn_pmoe_smoke(tmp_path, script, args, pmoe_parameters):
+    out = run_example(script, "--smoke", *args, "--output-dir", str(tmp_path))
+    assert "| training images | WRN | WRN-pMoE |" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["backend"] == keras.backend.backend()
+    assert results["num_classes"] == (4 if args else 10)
+    assert results["models"]["wrn_pmoe"]["pmoe"]["parameters"] == (
+        pmoe_parameters
+    )
+    for kind in ("wrn", "wrn_pmoe"):
+        sizes = results["summary"][kind]
+        assert len(sizes) == 2
+        assert all(0.0 <= s["mean"] <= 1.0 for s in sizes.values())
+    # Class-balanced training sets of the requested sizes.
+    assert sorted({r["train_size"] for r in results["runs"]}) == [
+        int(s) for s in sorted(sizes, key=int)
+    ]
+    assert 0.0 < results["routing"]["coverage"] <= 1.0
+    for figure in ("accuracy", "selection_frequency", "patch_selection"):
+        assert (tmp_path / f"{figure}.png").stat().st_size > 1000
+
+
+def test_celeba_wrn_pmoe_without_data_says_what_to_do(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "celeba_wrn_pmoe.py"),
+            "--data-dir",
+            str(tmp_path / "no-such-tfds-dir"),
+            "--no-download",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KERAS_BACKEND": keras.backend.backend()},
+    )
+    assert result.returncode != 0
+    assert "celeb_a" in result.stderr and "--data-dir" in result.stderr
+    assert "Traceback" not in result.stderr

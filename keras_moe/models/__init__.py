@@ -10,6 +10,8 @@ from keras_moe.models.deepmoe_vgg import DeepMoEVGG16
 from keras_moe.models.sparse_inference import sparse_predict
 from keras_moe.models.two_layer_pmoe import TwoLayerCNN
 from keras_moe.models.two_layer_pmoe import TwoLayerPMoE
+from keras_moe.models.wrn import WRN_PRESETS
+from keras_moe.models.wrn import WideResNet
 
 __all__ = [
     "DEEPMOE_DRN_PRESETS",
@@ -22,4 +24,6 @@ __all__ = [
     "sparse_predict",
     "TwoLayerCNN",
     "TwoLayerPMoE",
+    "WRN_PRESETS",
+    "WideResNet",
 ]
