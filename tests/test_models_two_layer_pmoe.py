@@ -255,3 +255,29 @@ def test_cnn_invalid_arguments():
         TwoLayerCNN(0, 8, input_shape=(32, 32, 1))
     with pytest.raises(ValueError, match="patch_size"):
         TwoLayerCNN(4, 7, input_shape=(32, 32, 1))
+
+
+def test_router_training_leaves_the_layers_below_alone():
+    # A WRN-pMoE: batch normalization and convolutions before the routers.
+    from keras_moe.models import WideResNet
+
+    model = WideResNet(
+        depth=10,
+        widening_factor=1,
+        num_classes=2,
+        input_shape=(8, 8, 3),
+        pmoe=dict(num_experts=2, patches_per_expert=2, patch_size=1),
+    )
+    x = np.random.default_rng(6).random((8, 8, 8, 3)).astype("float32")
+    y = np.arange(8) % 2
+    below = [
+        v
+        for v in model.weights
+        if not v.path.startswith("pmoe/") and not v.path.startswith("logits")
+    ]
+    before = [to_numpy(v) for v in below]
+    router = to_numpy(model.pmoe_layer.router)
+    train_routers(model, x, y, epochs=2, batch_size=4, verbose=0)
+    for value, variable in zip(before, below):
+        np.testing.assert_array_equal(value, to_numpy(variable))
+    assert not np.allclose(router, to_numpy(model.pmoe_layer.router))

@@ -105,7 +105,9 @@ class RouterTrainer(keras.Model):
         )
 
     def call(self, inputs, training=None):
-        features = self.features(inputs, training=training)
+        # The layers before the routers are frozen: run them in inference
+        # mode, so that batch normalization statistics stay as they are.
+        features = self.features(inputs, training=False)
         routing_values = self.pmoe_layer.route(features)["routing_values"]
         return ops.sum(routing_values, axis=1)
 
