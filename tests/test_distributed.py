@@ -159,3 +159,30 @@ def test_torch_data_parallel_needs_a_process_group():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     with pytest.raises(ValueError, match="process group"):
         torch_data_parallel(model)
+
+
+def test_model_parallel_layout_map_shards_the_wide_convolutions():
+    from keras_moe.training import model_parallel_layout_map
+    from tests import model_zoo
+
+    mesh = keras.distribution.DeviceMesh(
+        (1, 2), ["batch", "model"], ["cpu:0", "cpu:1"]
+    )
+    network = model_zoo.deepmoe_resnet()
+    layout_map = model_parallel_layout_map(network, mesh, min_channels=32)
+    sharded = {
+        w.path
+        for w in network.weights
+        if layout_map[w.path] is not None
+        and layout_map[w.path].axes == (None, None, None, "model")
+    }
+    # The gated convolutions of 32 and 64 filters; not the 16-filter one,
+    # nor any plain convolution.
+    assert sharded == {"block2_conv2/kernel", "block3_conv2/kernel"}
+    pmoe = model_zoo.pmoe_cnn()
+    layout_map = model_parallel_layout_map(pmoe, mesh, min_channels=8)
+    assert layout_map["pmoe/expert_3/kernel"].axes[-1] == "model"
+    with pytest.raises(ValueError, match="model_axis='experts'"):
+        model_parallel_layout_map(network, mesh, model_axis="experts")
+    with pytest.raises(ValueError, match="min_channels=0"):
+        model_parallel_layout_map(network, mesh, min_channels=0)
