@@ -97,6 +97,18 @@ def section(benchmark, results):
                         f"{row['base_network_mflops']:.0f} MFLOPs (the "
                         "paper: about 2%)."
                     )
+            flops = [row for row in result["rows"] if "flop_ratio" in row]
+            if flops:
+                lines.append("")
+                for row in flops:
+                    lines.append(
+                        f"- {row['name']}: WRN-pMoE has "
+                        f"{row['flop_ratio']:.3f} of WRN's forward FLOPs "
+                        f"({row['pmoe_gflops']:.2f} vs "
+                        f"{row['wrn_gflops']:.2f} GFLOPs per image) and "
+                        f"{row['pmoe_parameters']:,} vs "
+                        f"{row['wrn_parameters']:,} parameters."
+                    )
         lines.append("")
     return lines
 

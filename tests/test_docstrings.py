@@ -7,6 +7,7 @@ checked: the expression must evaluate to the literal `value`.
 import ast
 import importlib
 import inspect
+import pathlib
 import re
 import textwrap
 
@@ -81,3 +82,20 @@ def test_docstring_example_runs(block):
             assert value == ast.literal_eval(expected.group(1)), segment
         else:
             exec(code, namespace)
+
+
+def test_every_public_symbol_has_a_reference_entry():
+    docs = pathlib.Path(__file__).resolve().parents[1] / "docs" / "api"
+    entries = set(
+        re.findall(
+            r"^::: (keras_moe\.[\w.]+)$",
+            "\n".join(p.read_text() for p in docs.glob("*.md")),
+            re.M,
+        )
+    )
+    missing = [
+        qualname
+        for qualname, _ in public_objects()
+        if qualname.count(".") == 2 and qualname not in entries
+    ]
+    assert not missing, f"no API reference entry for {missing}"

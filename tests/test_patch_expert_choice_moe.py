@@ -348,3 +348,42 @@ def test_invalid_inputs(kwargs, shape, match):
     layer = PatchExpertChoiceMoE(**{**base, **kwargs})
     with pytest.raises(ValueError, match=match):
         layer(np.zeros(shape, "float32"))
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="torch.export only"
+)
+@pytest.mark.parametrize(
+    "gating, combine",
+    [("softmax", "concat"), ("softmax_all", "sum"), ("hard", "concat")],
+)
+def test_torch_export_keeps_the_batch_size_dynamic(tmp_path, gating, combine):
+    import torch
+
+    inputs = keras.Input((8, 8, 4))
+    outputs, routing = PatchExpertChoiceMoE(
+        num_experts=3,
+        patches_per_expert=2,
+        patch_size=2,
+        expert_filters=5,
+        gating=gating,
+        combine=combine,
+    )(inputs, return_routing=True)
+    model = keras.Model(inputs, {"outputs": outputs, **routing})
+    path = str(tmp_path / "pmoe.pt2")
+    batch = torch.export.Dim("batch", min=1, max=64)
+    model.export(path, format="torch", verbose=False, dynamic_shapes={0: batch})
+    program = torch.export.load(path).module()
+    rng = np.random.default_rng(0)
+    for size in (1, 3, 7):
+        x = rng.normal(size=(size, 8, 8, 4)).astype("float32")
+        with torch.no_grad():
+            exported = program(torch.from_numpy(x))
+        expected = to_numpy(model(x))
+        np.testing.assert_array_equal(
+            to_numpy(exported["indices"]), expected["indices"]
+        )
+        for key in ("outputs", "gates", "routing_values"):
+            np.testing.assert_allclose(
+                to_numpy(exported[key]), expected[key], atol=1e-5
+            )

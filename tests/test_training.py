@@ -231,3 +231,61 @@ def test_invalid_schedule_arguments():
     trainer = DeepMoETrainer(tiny_network())
     with pytest.raises(ValueError, match="joint_epochs=-1"):
         train_two_phase(trainer, quadrant_data(4), -1, 1)
+
+
+MIRRORED_SCRIPT = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+from keras_moe.training import DeepMoETrainer
+from tests.test_training import quadrant_data, tiny_network
+
+def train(strategy, batch_size, accumulation):
+    with strategy.scope():
+        trainer = DeepMoETrainer(tiny_network(), lambda_gate=0.01)
+        trainer.compile(optimizer=keras.optimizers.SGD(
+            0.1, gradient_accumulation_steps=accumulation))
+    x, y = quadrant_data(32)
+    history = trainer.fit(x, y, batch_size=batch_size, epochs=2,
+                          shuffle=False, verbose=0).history
+    kernel = trainer.network.get_layer("logits").kernel.numpy()
+    return history["loss"], float(np.abs(kernel).sum())
+
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+# Each replica normalises its own half of the batch: one device with the
+# gradients of the two halves accumulated computes the same update.
+one = train(tf.distribute.get_strategy(), 8, 2)
+two = train(mirrored, 16, None)
+print(json.dumps({"one": one, "two": two}))
+"""
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="tf.distribute only"
+)
+def test_mirrored_strategy_averages_the_replicas_gradients():
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    # Summed, unscaled replica gradients would double the update and the
+    # logged loss.
+    np.testing.assert_allclose(out["two"][0], out["one"][0], rtol=1e-4)
+    assert out["two"][1] == pytest.approx(out["one"][1], rel=1e-4)

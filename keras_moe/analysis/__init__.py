@@ -16,6 +16,7 @@ from keras_moe.analysis.routing import GateStatistics
 from keras_moe.analysis.routing import PatchRoutingStatistics
 from keras_moe.analysis.routing import collect_gates
 from keras_moe.analysis.routing import collect_routing
+from keras_moe.analysis.routing import discriminative_routing
 from keras_moe.analysis.routing import expert_load
 from keras_moe.analysis.routing import gate_embedding_shuffling
 from keras_moe.analysis.routing import gate_statistics
@@ -32,6 +33,7 @@ __all__ = [
     "RoutingMonitor",
     "collect_gates",
     "collect_routing",
+    "discriminative_routing",
     "expert_load",
     "gate_embedding_shuffling",
     "gate_statistics",

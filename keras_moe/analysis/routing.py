@@ -436,3 +436,96 @@ def gate_embedding_shuffling(
         else float("nan"),
         "own": own,
     }
+
+
+def discriminative_routing(
+    routing_values, labels, positions, top=1, expert_for_class=None
+):
+    """How often the routers send the class-deciding patch to its expert.
+
+    pMoE's analysis (Lemma 4.1, Assumption 4.4) rests on routers that rank
+    the class-discriminative patch of an input among the first patches of
+    one expert. Given where that patch is in each input (as returned by
+    `keras_moe.data.make_patch_digits`), this measures, for each class, the
+    fraction of its inputs whose discriminative patch is among the `top`
+    highest-scored patches of the class's expert: pMoE figure 8 (separate
+    training: expert `c` is the router trained for class `c`, pass
+    `expert_for_class=range(num_classes)`; `top = l`) and figure 9 (joint
+    training: `top=1`, the patch with the largest gating value; the
+    expert of a class is the one that most often ranks its discriminative
+    patch first, found from the data).
+
+    Args:
+        routing_values: `(num_examples, num_patches, num_experts)` routing
+            values `<w_s, x^(j)>`, as in the `"routing_values"` of
+            `PatchExpertChoiceMoE.route` or `collect_routing`.
+        labels: `(num_examples,)` integer class labels.
+        positions: `(num_examples,)` index of each input's discriminative
+            patch, row-major over the patch grid.
+        top: int, how many of an expert's highest-scored patches count.
+        expert_for_class: optional sequence mapping each class (0, 1, ...)
+            to its expert. Defaults to the expert with the highest rate.
+
+    Returns:
+        A dict with `"rate"`: the fraction over all inputs, `"per_class"`:
+        `{class: fraction}`, and `"experts"`: `{class: expert}`.
+
+    Example:
+
+    ```python
+    # Two inputs, 3 patches, 2 experts; the deciding patch is 2, then 0.
+    values = np.array([[[0.1, 0.0], [0.2, 0.1], [0.9, 0.0]],
+                       [[0.0, 0.8], [0.1, 0.9], [0.3, 0.1]]])
+    result = keras_moe.analysis.discriminative_routing(
+        values, labels=[0, 1], positions=[2, 0], top=2)
+    result["per_class"]  # {0: 1.0, 1: 1.0}
+    result["experts"]  # {0: 0, 1: 1}
+    ```
+
+    Reference:
+        M. N. R. Chowdhury et al., "Patch-level Routing in Mixture-of-Experts
+        is Provably Sample-efficient for Convolutional Neural Networks",
+        ICML 2023, section 5.1, figures 8-9.
+    """
+    values = np.asarray(routing_values)
+    labels = np.asarray(labels).reshape(-1)
+    positions = np.asarray(positions).reshape(-1)
+    if values.ndim != 3 or not (len(values) == len(labels) == len(positions)):
+        raise ValueError(
+            "`routing_values` must be (num_examples, num_patches, "
+            "num_experts) with one label and position per example. "
+            f"Received: routing_values of shape {values.shape}, "
+            f"{len(labels)} labels, {len(positions)} positions"
+        )
+    num_patches, num_experts = values.shape[1:]
+    if (
+        isinstance(top, bool)
+        or not isinstance(top, (int, np.integer))
+        or not 1 <= top <= num_patches
+    ):
+        raise ValueError(
+            f"`top` must be an integer in [1, {num_patches}]. "
+            f"Received: top={top!r}"
+        )
+    ranked = np.argsort(-values, axis=1, kind="stable")[:, :top, :]
+    hits = (ranked == positions[:, None, None]).any(axis=1)
+    per_class, experts, total = {}, {}, 0.0
+    for c in np.unique(labels):
+        rates = hits[labels == c].mean(axis=0)
+        if expert_for_class is None:
+            expert = int(np.argmax(rates))
+        else:
+            expert = int(expert_for_class[int(c)])
+            if not 0 <= expert < num_experts:
+                raise ValueError(
+                    f"`expert_for_class` maps class {int(c)} to expert "
+                    f"{expert}, but there are {num_experts} experts."
+                )
+        per_class[int(c)] = float(rates[expert])
+        experts[int(c)] = expert
+        total += rates[expert] * np.sum(labels == c)
+    return {
+        "rate": float(total / max(len(labels), 1)),
+        "per_class": per_class,
+        "experts": experts,
+    }

@@ -9,6 +9,8 @@ from keras_moe.data.datasets import DatasetNotAvailableError
 from keras_moe.data.datasets import load_cifar10
 from keras_moe.data.datasets import load_cifar100
 from keras_moe.data.datasets import load_dataset
+from keras_moe.data.patch_digits import load_mnist
+from keras_moe.data.patch_digits import make_patch_digits
 
 __all__ = [
     "CITYSCAPES_IGNORE_LABEL",
@@ -19,5 +21,7 @@ __all__ = [
     "load_cifar10",
     "load_cifar100",
     "load_dataset",
+    "load_mnist",
+    "make_patch_digits",
     "normalization",
 ]

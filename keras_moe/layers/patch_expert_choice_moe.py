@@ -285,8 +285,11 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
         elif self.gating == "softmax":
             gates = ops.softmax(selected, axis=-1)
         else:
-            gates = ops.take_along_axis(
-                ops.softmax(scores, axis=-1), indices, axis=-1
+            # The softmax over all n values, at the selected ones: `selected`
+            # holds those values already, so no gather is needed (one would
+            # fix the batch size when torch exports the layer).
+            gates = ops.exp(
+                selected - ops.logsumexp(scores, axis=-1, keepdims=True)
             )
         return {
             "indices": indices,
@@ -324,10 +327,14 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
         patch_h, patch_w = self.patch_size
         channels = patches.shape[-1]
 
-        # Gather: each expert's selected patches, (batch, k * l, ph, pw, C).
-        flat_patches = ops.reshape(patches, (-1, num_patches, self.patch_dim))
-        flat_indices = ops.reshape(indices, (-1, num_experts * per_expert, 1))
-        selected = ops.take_along_axis(flat_patches, flat_indices, axis=1)
+        # Gather: each expert's selected patches, (batch, k * l, ph, pw, C),
+        # as rows of the (batch * n, patch_dim) patches. (`take_along_axis`
+        # broadcasts its indices, which fixes the batch size when torch
+        # exports the layer.)
+        offsets = ops.arange(batch, dtype="int32")[:, None, None]
+        flat_patches = ops.reshape(patches, (-1, self.patch_dim))
+        patch_rows = ops.reshape(offsets * num_patches + indices, (-1,))
+        selected = ops.take(flat_patches, patch_rows, axis=0)
         selected = ops.reshape(
             selected, (-1, num_experts, per_expert, patch_h, patch_w, channels)
         )
@@ -345,36 +352,42 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
                     expert_outputs * expert_gates, (-1, per_expert, patch_out)
                 )
             )
-        # Rows ordered (example, expert, rank) like `indices`.
+        # A row of zeros for the patches an expert did not select, then the
+        # rows ordered (example, expert, rank) like `indices`.
         updates = ops.reshape(ops.stack(updates, axis=1), (-1, patch_out))
+        updates = ops.concatenate(
+            [ops.zeros((1, patch_out), dtype=updates.dtype), updates], axis=0
+        )
 
-        # Scatter back: rows are (example, patch) for "sum" and
-        # (example, patch, expert) for "concat".
-        offsets = ops.arange(batch, dtype="int32")[:, None, None]
-        if self.combine == "concat":
-            expert_ids = ops.arange(num_experts, dtype="int32")[None, :, None]
-            rows = (offsets * num_patches + indices) * num_experts + expert_ids
-            num_rows = batch * num_patches * num_experts
-        else:
-            rows = offsets * num_patches + indices
-            num_rows = batch * num_patches
-        # A segment sum is a vectorized scatter-add on every backend.
-        outputs = ops.segment_sum(
-            updates, ops.reshape(rows, (-1,)), num_segments=num_rows
+        # Combine with a gather: for every example, expert and patch, the
+        # row of that expert's output for the patch, or the zero row. (A
+        # scatter-add into the map does the same, but torch exports Keras's
+        # segment sum for the traced batch size only.)
+        match = ops.equal(
+            ops.cast(indices, "int32")[:, :, :, None],
+            ops.arange(num_patches, dtype="int32"),
+        )
+        rank = ops.cast(ops.argmax(ops.cast(match, "int32"), axis=2), "int32")
+        expert_ids = ops.arange(num_experts, dtype="int32")[None, :, None]
+        rows = (offsets * num_experts + expert_ids) * per_expert + rank + 1
+        rows = rows * ops.cast(ops.any(match, axis=2), "int32")
+        outputs = ops.take(updates, ops.reshape(rows, (-1,)), axis=0)
+        outputs = ops.reshape(
+            outputs,
+            (
+                -1,
+                num_experts,
+                num_patches,
+                patch_h,
+                patch_w,
+                self.expert_channels,
+            ),
         )
         if self.combine == "concat":
-            outputs = ops.reshape(
-                outputs,
-                (
-                    -1,
-                    num_patches,
-                    num_experts,
-                    patch_h,
-                    patch_w,
-                    self.expert_channels,
-                ),
-            )
-            outputs = ops.transpose(outputs, (0, 1, 3, 4, 2, 5))
+            # (example, patch, ph, pw, expert, channel): experts side by side.
+            outputs = ops.transpose(outputs, (0, 2, 3, 4, 1, 5))
+        else:
+            outputs = ops.sum(outputs, axis=1)
         outputs = self._unpatch(outputs)
         if return_routing:
             return outputs, routing

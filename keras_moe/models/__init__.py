@@ -9,6 +9,10 @@ from keras_moe.models.deepmoe_vgg import WIDENING
 from keras_moe.models.deepmoe_vgg import DeepMoEVGG16
 from keras_moe.models.sparse_inference import SparsePredictor
 from keras_moe.models.sparse_inference import sparse_predict
+from keras_moe.models.two_layer_pmoe import TwoLayerCNN
+from keras_moe.models.two_layer_pmoe import TwoLayerPMoE
+from keras_moe.models.wrn import WRN_PRESETS
+from keras_moe.models.wrn import WideResNet
 
 __all__ = [
     "DEEPMOE_DRN_PRESETS",
@@ -20,4 +24,8 @@ __all__ = [
     "WIDENING",
     "sparse_predict",
     "SparsePredictor",
+    "TwoLayerCNN",
+    "TwoLayerPMoE",
+    "WRN_PRESETS",
+    "WideResNet",
 ]

@@ -26,6 +26,15 @@ def _check_weight(name, value):
     return float(value)
 
 
+def _replicas_in_sync():
+    """Replicas whose gradients a `tf.distribute` strategy sums; else 1."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
 class DeepMoETrainer(keras.Model):
     """Trains a DeepMoE network on `J = L_b + lambda L_g + mu L_e`.
@@ -127,12 +136,18 @@ class DeepMoETrainer(keras.Model):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        """`J = L_b + lambda L_g + mu L_e`, plus any added model losses."""
+        """`J = L_b + lambda L_g + mu L_e`, plus any added model losses.
+
+        Under a `tf.distribute` strategy the value is divided by the number
+        of replicas, as Keras does for its own losses: the strategy sums
+        the replicas' gradients, so that the update is that of the mean
+        over the global batch.
+        """
         base, gate, embedding = self._terms(y, y_pred)
         total = base + self.lambda_gate * gate + self.mu * embedding
         for loss in self.losses:
             total = total + ops.cast(loss, "float32")
-        return total
+        return total / _replicas_in_sync()
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """Updates the loss terms, gate density, FLOPs ratio and metrics."""

@@ -1,0 +1,477 @@
+"""Compare WRN and WRN-pMoE on CIFAR-10 over training-set sizes.
+
+    KERAS_BACKEND=jax python examples/cifar_wrn_pmoe.py            # CIFAR-10
+    python examples/cifar_wrn_pmoe.py --data-dir path/to/cifar10  # image folder
+    KERAS_BACKEND=jax python examples/cifar_wrn_pmoe.py --smoke    # seconds
+
+The pMoE paper's sample-complexity experiment (appendix A, figure 14):
+WRN-10-10 against WRN-pMoE, the same network with its last convolution
+replaced by a `PatchExpertChoiceMoE` (8x8x640 map cut into 64 patches of
+1x1, 4 experts with 16 patches each, 1x1 experts with 160 filters, joint
+training with softmax gating), both built by
+`keras_moe.models.WideResNet`. Each model is trained from scratch on
+class-balanced subsets of the training set (10,000 to 50,000 images by
+default, the smaller sets nested in the larger), the test accuracy after
+the last epoch is averaged over `--runs` independent runs. The defaults
+follow the authors' protocol: SGD with learning rate 0.1 and no momentum,
+batch 128, 50 epochs, images scaled to [0, 1], no augmentation (`--augment`
+adds random crops and flips).
+
+Data: CIFAR-10 through tensorflow-datasets (`--data-dir` is then its data
+directory), or an image folder with `train/<class>/*` and `test/<class>/*`
+given as `--data-dir`. `--smoke` trains a narrow network for one epoch on
+the handwritten digits that ship with scikit-learn, offline, in seconds.
+
+Writes `results.json` (every run, the mean and standard deviation per
+training-set size, parameters and FLOPs of both models, routing statistics
+of the last WRN-pMoE), `accuracy.png` (test accuracy against the number of
+training samples), `selection_frequency.png` (how often each expert picks
+each patch position on the test set) and `patch_selection.png` (the patches
+the experts picked in one test image) to `--output-dir`.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import keras
+import numpy as np
+
+from keras_moe import analysis
+from keras_moe import data
+from keras_moe.models import WRN_PRESETS
+from keras_moe.models import WideResNet
+
+MODELS = ("wrn", "wrn_pmoe")
+LABELS = {"wrn": "WRN", "wrn_pmoe": "WRN-pMoE"}
+
+
+def add_arguments(parser, train_sizes, test_size, output_dir):
+    """The arguments shared with `celeba_wrn_pmoe.py`."""
+    parser.add_argument(
+        "--train-sizes",
+        type=int,
+        nargs="+",
+        default=train_sizes,
+        help="numbers of training images (class-balanced)",
+    )
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        default=test_size,
+        help="number of test images (class-balanced)",
+    )
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=0.1)
+    parser.add_argument("--momentum", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--depth", type=int, default=10)
+    parser.add_argument("--widening-factor", type=int, default=10)
+    parser.add_argument("--dropout-rate", type=float, default=0.0)
+    parser.add_argument(
+        "--gating",
+        default="softmax",
+        choices=["softmax", "hard", "softmax_all"],
+        help="gating of the pMoE layer; softmax is joint training",
+    )
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="random crops (32x32 images) and horizontal flips",
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=MODELS
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default=output_dir)
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny offline run, in seconds",
+    )
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--data-dir",
+        help="tensorflow-datasets directory, or an image folder with "
+        "train/<class>/* and test/<class>/*",
+    )
+    add_arguments(
+        parser,
+        train_sizes=[10000, 20000, 30000, 40000, 50000],
+        test_size=10000,
+        output_dir="outputs/cifar_wrn_pmoe",
+    )
+    return parser.parse_args(argv)
+
+
+def smoke_settings(args):
+    """Settings of `--smoke`: a narrow network, one epoch, tiny subsets."""
+    args.train_sizes = [40, 80]
+    args.test_size = 40
+    args.runs, args.epochs, args.batch_size = 1, 1, 16
+    args.widening_factor = 1
+
+
+def check_args(args, num_classes):
+    for name in ("runs", "epochs", "batch_size", "widening_factor"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive.")
+    if min(args.train_sizes) < num_classes or args.test_size < num_classes:
+        raise SystemExit(
+            f"--train-sizes and --test-size need at least one image per "
+            f"class ({num_classes} classes)."
+        )
+
+
+def class_balanced(dataset, per_class, num_classes, split):
+    """The first `per_class` examples of every class of a batched dataset.
+
+    Reads `(images, labels)` batches until every class has `per_class`
+    examples (or the data ends) and returns a list of arrays, one per
+    class, in the order the dataset gave them, stored as 8-bit images.
+    Loaders shuffle their training split, so these are random examples,
+    and a smaller training-set size takes a prefix of every class: the
+    training sets are nested.
+    """
+    found = [[] for _ in range(num_classes)]
+    counts = np.zeros(num_classes, dtype=int)
+    for images, labels in dataset:
+        images = np.asarray(images)
+        labels = np.asarray(labels).reshape(-1)
+        for c in range(num_classes):
+            need = per_class - counts[c]
+            if need <= 0:
+                continue
+            chosen = images[labels == c][:need]
+            if len(chosen):
+                found[c].append(
+                    np.round(np.clip(chosen, 0, 1) * 255).astype("uint8")
+                )
+                counts[c] += len(chosen)
+        if np.all(counts >= per_class):
+            break
+    if np.any(counts == 0):
+        missing = [int(c) for c in np.flatnonzero(counts == 0)]
+        raise SystemExit(
+            f"error: the {split} split has no images of classes {missing}."
+        )
+    if np.any(counts < per_class):
+        short = {
+            int(c): int(counts[c]) for c in np.flatnonzero(counts < per_class)
+        }
+        print(
+            f"note: the {split} split has fewer than {per_class} images of "
+            f"some classes ({short}); using what there is."
+        )
+    return [np.concatenate(f) for f in found]
+
+
+def take(by_class, size, seed):
+    """`size // num_classes` images of every class, shuffled, as float32."""
+    per_class = size // len(by_class)
+    x = np.concatenate([images[:per_class] for images in by_class])
+    y = np.concatenate(
+        [
+            np.full(min(per_class, len(images)), c)
+            for c, images in enumerate(by_class)
+        ]
+    ).astype("int32")
+    order = np.random.default_rng(seed).permutation(len(y))
+    return x[order].astype("float32") / 255.0, y[order]
+
+
+def build(kind, plain_preset, pmoe_preset, args, num_classes, input_shape):
+    """WRN or WRN-pMoE at the chosen width, from the paper's presets."""
+    preset = pmoe_preset if kind == "wrn_pmoe" else plain_preset
+    config = dict(
+        WRN_PRESETS[preset],
+        depth=args.depth,
+        widening_factor=args.widening_factor,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        dropout_rate=args.dropout_rate,
+    )
+    if kind == "wrn_pmoe":
+        # Without expert_filters the experts' outputs add up to the block
+        # width at any widening factor (80 or 160 filters at width 10).
+        pmoe = dict(config["pmoe"], gating=args.gating)
+        pmoe.pop("expert_filters")
+        config["pmoe"] = pmoe
+    return WideResNet(**config)
+
+
+def augmented(x, y, args):
+    """A shuffled, augmented `tf.data` pipeline (it feeds every backend)."""
+    import tensorflow as tf
+
+    size = x.shape[1]
+    if size == 32:
+        augment = data.cifar_augmentation(32, 4, seed=args.seed)
+    else:
+        flip = keras.layers.RandomFlip("horizontal", seed=args.seed)
+
+        def augment(image):
+            return flip(image, training=True)
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    dataset = dataset.shuffle(len(y), seed=args.seed)
+    dataset = dataset.map(
+        lambda image, label: (augment(image), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.batch(args.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def train_and_test(model, x, y, x_test, y_test, args):
+    model.compile(
+        optimizer=keras.optimizers.SGD(
+            args.learning_rate,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay or None,
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        # Every model compiles its own step: for the few steps of --smoke,
+        # running eagerly is quicker.
+        jit_compile=False if args.smoke else "auto",
+    )
+    start = time.perf_counter()
+    if args.augment:
+        history = model.fit(
+            augmented(x, y, args), epochs=args.epochs, verbose=2
+        )
+    else:
+        history = model.fit(
+            x, y, batch_size=args.batch_size, epochs=args.epochs, verbose=2
+        )
+    seconds = time.perf_counter() - start
+    logs = model.evaluate(
+        x_test, y_test, batch_size=256, return_dict=True, verbose=0
+    )
+    return {
+        "test_accuracy": float(logs["accuracy"]),
+        "test_loss": float(logs["loss"]),
+        "train_accuracy": float(history.history["accuracy"][-1]),
+        "train_loss": float(history.history["loss"][-1]),
+        "seconds": seconds,
+    }
+
+
+def routing_figures(model, x_test, y_test, output_dir):
+    """Routing statistics of the pMoE layer on the test set, and figures."""
+    layer = model.pmoe_layer
+    routing, labels = analysis.collect_routing(
+        model, layer, (x_test, y_test), batch_size=256
+    )
+    stats = analysis.patch_routing_statistics(
+        routing["indices"], routing["gates"], layer.grid_shape, labels
+    )
+    analysis.plot_selection_frequency(
+        stats, os.path.join(output_dir, "selection_frequency.png")
+    )
+    analysis.plot_patch_selection(
+        x_test[0],
+        routing["indices"][0],
+        layer.grid_shape,
+        path=os.path.join(output_dir, "patch_selection.png"),
+        title=f"patches picked by each expert (label {int(labels[0])})",
+    )
+    return {
+        "coverage": stats.coverage,
+        "position_entropy": [float(e) for e in stats.position_entropy],
+        "grid_shape": list(layer.grid_shape),
+    }
+
+
+def plot_accuracy(summary, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for kind, by_size in summary.items():
+        sizes = sorted(int(s) for s in by_size)
+        means = [by_size[str(s)]["mean"] for s in sizes]
+        stds = [by_size[str(s)]["std"] for s in sizes]
+        ax.errorbar(
+            sizes, means, stds, marker="^", capsize=3, label=LABELS[kind]
+        )
+    ax.set_xlabel("number of training samples")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def describe(model, kind, args):
+    """Parameters, FLOPs and the pMoE configuration of a model."""
+    layer = model.pmoe_layer
+    described = {
+        "parameters": int(model.count_params()),
+        "mflops_per_image": analysis.flop_report(model).dense / 1e6,
+        "pmoe": None
+        if layer is None
+        else {
+            "num_patches": layer.num_patches,
+            "num_experts": layer.num_experts,
+            "patches_per_expert": layer.patches_per_expert,
+            "expert_filters": layer.expert_filters,
+            "expert_kernel_size": list(layer.expert_kernel_size),
+            "gating": layer.gating,
+            "parameters": int(layer.count_params()),
+        },
+    }
+    print(
+        f"{LABELS[kind]}-{args.depth}-{args.widening_factor}: "
+        f"{described['parameters']:,} parameters, "
+        f"{described['mflops_per_image']:.1f} MFLOPs per image"
+    )
+    return described
+
+
+def compare(args, train_by_class, x_test, y_test, info, presets, title):
+    """Trains every model on every training-set size and reports.
+
+    Args:
+        args: the parsed arguments.
+        train_by_class: list of uint8 image arrays, one per class.
+        x_test, y_test: the test set, float32 images in [0, 1].
+        info: a `keras_moe.data.DatasetInfo`.
+        presets: `(plain preset, pMoE preset)` names of `WRN_PRESETS`.
+        title: the figure title.
+
+    Returns:
+        The results dict written to `results.json`.
+    """
+    num_classes = info.num_classes
+    input_shape = tuple(x_test.shape[1:])
+    print(
+        f"{info.name}: {num_classes} classes, images {input_shape}, "
+        f"{len(y_test)} test images, backend {keras.backend.backend()}"
+    )
+    models = {}
+    runs, last_pmoe = [], None
+    for size in sorted(args.train_sizes):
+        x, y = take(train_by_class, size, args.seed)
+        for kind in args.models:
+            for run in range(args.runs):
+                keras.utils.set_random_seed(args.seed + 1000 * run + size)
+                model = build(kind, *presets, args, num_classes, input_shape)
+                if kind not in models:
+                    models[kind] = describe(model, kind, args)
+                print(
+                    f"\n{LABELS[kind]}, {len(y)} training images, run {run + 1}"
+                )
+                result = train_and_test(model, x, y, x_test, y_test, args)
+                result.update(model=kind, train_size=len(y), run=run)
+                runs.append(result)
+                print(
+                    f"test accuracy {result['test_accuracy']:.4f} "
+                    f"({result['seconds']:.0f} s)"
+                )
+                if kind == "wrn_pmoe":
+                    last_pmoe = model
+    summary = {}
+    for kind in args.models:
+        summary[kind] = {}
+        for size in sorted({r["train_size"] for r in runs}):
+            accuracies = [
+                r["test_accuracy"]
+                for r in runs
+                if r["model"] == kind and r["train_size"] == size
+            ]
+            summary[kind][str(size)] = {
+                "mean": float(np.mean(accuracies)),
+                "std": float(np.std(accuracies)),
+                "runs": len(accuracies),
+            }
+    os.makedirs(args.output_dir, exist_ok=True)
+    routing = None
+    if last_pmoe is not None:
+        routing = routing_figures(last_pmoe, x_test, y_test, args.output_dir)
+    plot_accuracy(summary, os.path.join(args.output_dir, "accuracy.png"), title)
+    settings = {k: v for k, v in vars(args).items() if k not in ("output_dir",)}
+    results = {
+        "dataset": info.name,
+        "backend": keras.backend.backend(),
+        "num_classes": num_classes,
+        "class_names": info.class_names,
+        "test_size": int(len(y_test)),
+        "settings": settings,
+        "models": models,
+        "summary": summary,
+        "runs": runs,
+        "routing": routing,
+    }
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(
+        "\n| training images | "
+        + " | ".join(LABELS[k] for k in args.models)
+        + " |"
+    )
+    print("| --- |" + " --- |" * len(args.models))
+    for size in sorted(summary[args.models[0]], key=int):
+        cells = [
+            f"{summary[k][size]['mean']:.4f} +- {summary[k][size]['std']:.4f}"
+            for k in args.models
+        ]
+        print(f"| {size} | " + " | ".join(cells) + " |")
+    print(f"wrote {args.output_dir}/results.json, accuracy.png")
+    return results
+
+
+def load(args):
+    """CIFAR-10 (tfds or image folder), or the offline digits for
+    `--smoke`."""
+    kwargs = dict(
+        batch_size=512, augment=False, normalize=False, seed=args.seed
+    )
+    if args.smoke:
+        return data.load_dataset("digits", **kwargs)
+    return data.load_cifar10(args.data_dir, **kwargs)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        smoke_settings(args)
+    keras.utils.set_random_seed(args.seed)
+    try:
+        train, test, info = load(args)
+    except data.DatasetNotAvailableError as error:
+        raise SystemExit(f"error: {error}")
+    check_args(args, info.num_classes)
+    num_classes = info.num_classes
+    per_class = max(args.train_sizes) // num_classes
+    train_by_class = class_balanced(train, per_class, num_classes, "training")
+    test_by_class = class_balanced(
+        test, args.test_size // num_classes, num_classes, "test"
+    )
+    x_test, y_test = take(test_by_class, args.test_size, args.seed)
+    return compare(
+        args,
+        train_by_class,
+        x_test,
+        y_test,
+        info,
+        ("wrn10_10_cifar10", "wrn10_10_pmoe_cifar10"),
+        f"{info.name}: WRN vs WRN-pMoE",
+    )
+
+
+if __name__ == "__main__":
+    main()
