@@ -31,7 +31,9 @@ class GatedConv2D(keras.layers.Conv2D):
         strides: int or tuple of 2 ints, the strides of the convolution.
         padding: `"valid"` or `"same"` (case-insensitive).
         data_format: `"channels_last"` or `"channels_first"`. Defaults to
-            `keras.config.image_data_format()`.
+            `keras.config.image_data_format()`. (On TensorFlow, CPU
+            convolutions take `"channels_last"` only, unless compiled with
+            XLA, as for `keras.layers.Conv2D`.)
         dilation_rate: int or tuple of 2 ints, the dilation rate.
         groups: int, the number of groups the input channels are split into.
         activation: activation applied to the gated sum `z`.
