@@ -240,9 +240,6 @@ def train_and_test(model, x, y, x_test, y_test, args):
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
-        # Every model compiles its own step: for the few steps of --smoke,
-        # running eagerly is quicker.
-        jit_compile=False if args.smoke else "auto",
     )
     start = time.perf_counter()
     if args.augment:

@@ -6,6 +6,7 @@ three.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -18,6 +19,13 @@ if os.environ["KERAS_BACKEND"] == "jax":
         "--xla_backend_optimization_level=0"
         " --xla_llvm_disable_expensive_passes=true",
     )
+    # Tests that build the same models compile the same programs: a
+    # compilation cache for the session compiles each once.
+    os.environ.setdefault(
+        "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax-cache-")
+    )
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 if os.environ["KERAS_BACKEND"] == "torch":
     # torch must be imported before tensorflow when both are installed.
