@@ -55,10 +55,13 @@ def section(benchmark, results):
         if benchmark == "sparse_inference":
             lines += [
                 "| case | dense (ms) | sparse (ms) | speed-up | FLOP "
-                "reduction | speed-up / reduction | target | met |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                "reduction | speed-up / reduction | target | met | eager "
+                "speed-up / reduction | first sparse call (s) |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             ]
             for row in result["rows"]:
+                eager = row.get("eager", {})
+                eager_ratio = eager.get("speedup_over_flop_reduction")
                 lines.append(
                     f"| {row['name']} | "
                     f"{1e3 * row['baseline']['median_s']:.1f} | "
@@ -66,7 +69,9 @@ def section(benchmark, results):
                     f"{row['speedup']:.2f}x | {row['flop_reduction']:.2f}x | "
                     f"{row['speedup_over_flop_reduction']:.2f} | >= "
                     f"{row['target']} | "
-                    f"{'yes' if row['meets_target'] else 'no'} |"
+                    f"{'yes' if row['meets_target'] else 'no'} | "
+                    f"{fmt(eager_ratio, 2)} | "
+                    f"{fmt(row.get('first_call_s'), 1)} |"
                 )
         else:
             lines += [
