@@ -35,13 +35,9 @@ Writes `results.json`, `accuracy.png`, `selection_frequency.png` and
 import argparse
 import os
 
-import keras
 import numpy as np
 from cifar_wrn_pmoe import add_arguments
-from cifar_wrn_pmoe import check_args
-from cifar_wrn_pmoe import class_balanced
-from cifar_wrn_pmoe import compare
-from cifar_wrn_pmoe import take
+from cifar_wrn_pmoe import run_comparison
 
 from keras_moe import data
 
@@ -151,27 +147,11 @@ def main(argv=None):
         args.test_size = 32
         args.runs, args.epochs, args.batch_size = 1, 1, 16
         args.widening_factor = 1
-    keras.utils.set_random_seed(args.seed)
-    try:
-        train, test, info = load(args)
-    except data.DatasetNotAvailableError as error:
-        raise SystemExit(f"error: {error}")
-    check_args(args, info.num_classes)
-    num_classes = info.num_classes
-    per_class = max(args.train_sizes) // num_classes
-    train_by_class = class_balanced(train, per_class, num_classes, "training")
-    test_by_class = class_balanced(
-        test, args.test_size // num_classes, num_classes, "test"
-    )
-    x_test, y_test = take(test_by_class, args.test_size, args.seed)
-    return compare(
+    return run_comparison(
         args,
-        train_by_class,
-        x_test,
-        y_test,
-        info,
+        load,
         ("wrn10_10_celeba", "wrn10_10_pmoe_celeba"),
-        f"CelebA {args.task}: WRN vs WRN-pMoE",
+        lambda info: f"CelebA {args.task}: WRN vs WRN-pMoE",
     )
 
 

@@ -442,10 +442,9 @@ def load(args):
     return data.load_cifar10(args.data_dir, **kwargs)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.smoke:
-        smoke_settings(args)
+def run_comparison(args, load, presets, title):
+    """Loads the data with `load(args)`, takes class-balanced subsets and
+    runs `compare` on the two `presets`; `title(info)` names the table."""
     keras.utils.set_random_seed(args.seed)
     try:
         train, test, info = load(args)
@@ -460,13 +459,19 @@ def main(argv=None):
     )
     x_test, y_test = take(test_by_class, args.test_size, args.seed)
     return compare(
+        args, train_by_class, x_test, y_test, info, presets, title(info)
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke:
+        smoke_settings(args)
+    return run_comparison(
         args,
-        train_by_class,
-        x_test,
-        y_test,
-        info,
+        load,
         ("wrn10_10_cifar10", "wrn10_10_pmoe_cifar10"),
-        f"{info.name}: WRN vs WRN-pMoE",
+        lambda info: f"{info.name}: WRN vs WRN-pMoE",
     )
 
 
