@@ -1,5 +1,8 @@
 """Argument checks shared by the layers (private)."""
 
+import math
+import numbers
+
 import keras
 
 
@@ -8,6 +11,41 @@ def check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(
             f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_non_negative_number(name, value):
+    """Raises a `ValueError` unless `value` is a finite number >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            f"`{name}` must be a finite, non-negative number. "
+            f"Received: {name}={value!r}"
+        )
+    return float(value)
+
+
+def check_positive_number(name, value):
+    """Raises a `ValueError` unless `value` is a finite number > 0."""
+    value = check_non_negative_number(name, value)
+    if value == 0:
+        raise ValueError(
+            f"`{name}` must be a positive number. Received: {name}={value!r}"
+        )
+    return value
+
+
+def check_momentum(name, value):
+    """Raises a `ValueError` unless `value` is a number in `[0, 1)`."""
+    value = check_non_negative_number(name, value)
+    if value >= 1:
+        raise ValueError(
+            f"`{name}` must be in [0, 1). Received: {name}={value!r}"
         )
     return value
 

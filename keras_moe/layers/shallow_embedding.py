@@ -1,7 +1,9 @@
 import keras
 from keras import ops
 
+from keras_moe.layers._validation import check_momentum
 from keras_moe.layers._validation import check_positive_int
+from keras_moe.layers._validation import check_positive_number
 from keras_moe.layers._validation import check_rank
 from keras_moe.layers._validation import independent_initializer
 from keras_moe.layers._validation import standardize_data_format
@@ -35,6 +37,11 @@ class ShallowEmbedding(keras.layers.Layer):
             probabilities for the auxiliary loss.
         use_batch_norm: bool, whether each convolution is followed by batch
             normalization. Defaults to `True`.
+        batch_norm_momentum: float in `[0, 1)`, the momentum of the moving
+            statistics. Defaults to 0.9, the papers' PyTorch networks'
+            (PyTorch's 0.1 in its own convention), so that inference-mode
+            statistics follow the data after a few dozen steps.
+        batch_norm_epsilon: float > 0. Defaults to 1e-5, as in PyTorch.
         kernel_initializer: initializer of the convolution and dense kernels.
         kernel_regularizer: optional regularizer of those kernels.
         data_format: `"channels_last"` or `"channels_first"`. Defaults to
@@ -73,6 +80,8 @@ class ShallowEmbedding(keras.layers.Layer):
         filters=32,
         num_classes=None,
         use_batch_norm=True,
+        batch_norm_momentum=0.9,
+        batch_norm_epsilon=1e-5,
         kernel_initializer="he_normal",
         kernel_regularizer=None,
         data_format=None,
@@ -97,6 +106,12 @@ class ShallowEmbedding(keras.layers.Layer):
             check_positive_int("num_classes", num_classes)
         self.num_classes = num_classes
         self.use_batch_norm = use_batch_norm
+        self.batch_norm_momentum = check_momentum(
+            "batch_norm_momentum", batch_norm_momentum
+        )
+        self.batch_norm_epsilon = check_positive_number(
+            "batch_norm_epsilon", batch_norm_epsilon
+        )
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.data_format = standardize_data_format(data_format)
@@ -135,6 +150,8 @@ class ShallowEmbedding(keras.layers.Layer):
             if self.use_batch_norm:
                 norm = keras.layers.BatchNormalization(
                     axis=channel_axis,
+                    momentum=self.batch_norm_momentum,
+                    epsilon=self.batch_norm_epsilon,
                     dtype=self.dtype_policy,
                     name=f"bn_{i}",
                 )
@@ -201,6 +218,8 @@ class ShallowEmbedding(keras.layers.Layer):
                 "filters": self.filters,
                 "num_classes": self.num_classes,
                 "use_batch_norm": self.use_batch_norm,
+                "batch_norm_momentum": self.batch_norm_momentum,
+                "batch_norm_epsilon": self.batch_norm_epsilon,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),

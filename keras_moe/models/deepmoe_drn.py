@@ -3,6 +3,11 @@ import keras
 from keras_moe.layers import GatedConv2D
 from keras_moe.layers import ShallowEmbedding
 from keras_moe.layers import SparseGatingHeads
+from keras_moe.models._builder import BATCH_NORM_EPSILON
+from keras_moe.models._builder import BATCH_NORM_MOMENTUM
+from keras_moe.models._builder import BuilderModel
+from keras_moe.models._builder import check_batch_norm
+from keras_moe.models._builder import check_model_kwargs
 from keras_moe.models.deepmoe_resnet import BOTTLENECKS
 from keras_moe.models.deepmoe_resnet import VARIANTS
 from keras_moe.models.deepmoe_resnet import _Builder
@@ -10,7 +15,7 @@ from keras_moe.models.deepmoe_resnet import build_preset
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class DeepMoEDRN(keras.Model):
+class DeepMoEDRN(BuilderModel):
     """DeepMoE-DRN-A-50 for semantic segmentation (DeepMoE section 5.4).
 
     DRN-A-50 is ResNet-50 whose last two stages keep their resolution: the
@@ -42,8 +47,11 @@ class DeepMoEDRN(keras.Model):
         stage_widths: four ints, the bottleneck width of each stage (the
             blocks output four times as many channels; the stem has the
             first width). Defaults to `(64, 128, 256, 512)`.
+        batch_norm_momentum: float, the momentum of every batch
+            normalization. Defaults to 0.9 (PyTorch's 0.1).
+        batch_norm_epsilon: float. Defaults to 1e-5.
         dtype: optional dtype policy.
-        **kwargs: `keras.Model` keyword arguments.
+        **kwargs: `keras.Model` keyword arguments: `name`, `trainable`.
 
     Example:
 
@@ -72,9 +80,15 @@ class DeepMoEDRN(keras.Model):
         embedding_filters=32,
         stage_blocks=(3, 4, 6, 3),
         stage_widths=(64, 128, 256, 512),
+        batch_norm_momentum=BATCH_NORM_MOMENTUM,
+        batch_norm_epsilon=BATCH_NORM_EPSILON,
         dtype=None,
         **kwargs,
     ):
+        check_model_kwargs(type(self), kwargs)
+        batch_norm_momentum, batch_norm_epsilon = check_batch_norm(
+            batch_norm_momentum, batch_norm_epsilon
+        )
         input_shape = tuple(input_shape)
         stage_blocks = _four_positive_ints("stage_blocks", stage_blocks)
         stage_widths = _four_positive_ints("stage_widths", stage_widths)
@@ -132,6 +146,8 @@ class DeepMoEDRN(keras.Model):
                 embedding_dim,
                 num_layers=embedding_layers,
                 filters=embedding_filters,
+                batch_norm_momentum=batch_norm_momentum,
+                batch_norm_epsilon=batch_norm_epsilon,
                 dtype=dtype,
                 name="embedding",
             )(images)
@@ -142,7 +158,9 @@ class DeepMoEDRN(keras.Model):
             outputs["gates"] = list(gate_list)
 
         # === Functional Model ===
-        builder = _Builder(gated, dtype)
+        builder = _Builder(
+            gated, dtype, batch_norm_momentum, batch_norm_epsilon
+        )
         x = builder.conv(
             images, stage_widths[0], 7, strides=2, name="stem_conv"
         )
@@ -171,12 +189,12 @@ class DeepMoEDRN(keras.Model):
             dtype=dtype,
             name="upsample",
         )(x)
-        if gated:
-            super().__init__(
-                inputs=images, outputs={"logits": logits, **outputs}, **kwargs
-            )
-        else:
-            super().__init__(inputs=images, outputs=logits, **kwargs)
+        super().__init__(
+            inputs=images,
+            outputs={"logits": logits, **outputs} if gated else logits,
+            dtype=dtype,
+            **kwargs,
+        )
 
         # === Config ===
         self.num_classes = num_classes
@@ -189,7 +207,8 @@ class DeepMoEDRN(keras.Model):
         self.embedding_filters = embedding_filters
         self.stage_blocks = stage_blocks
         self.stage_widths = stage_widths
-        self.dtype_name = dtype
+        self.batch_norm_momentum = batch_norm_momentum
+        self.batch_norm_epsilon = batch_norm_epsilon
 
     @property
     def gated_layers(self):
@@ -200,6 +219,7 @@ class DeepMoEDRN(keras.Model):
 
     def get_config(self):
         return {
+            **super().get_config(),
             "num_classes": self.num_classes,
             "input_shape": self.image_shape,
             "variant": self.variant,
@@ -210,13 +230,9 @@ class DeepMoEDRN(keras.Model):
             "embedding_filters": self.embedding_filters,
             "stage_blocks": self.stage_blocks,
             "stage_widths": self.stage_widths,
-            "dtype": self.dtype_name,
-            "name": self.name,
+            "batch_norm_momentum": self.batch_norm_momentum,
+            "batch_norm_epsilon": self.batch_norm_epsilon,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     @classmethod
     def from_preset(cls, preset, **overrides):

@@ -3,6 +3,12 @@ import keras
 from keras_moe.layers import GatedConv2D
 from keras_moe.layers import ShallowEmbedding
 from keras_moe.layers import SparseGatingHeads
+from keras_moe.models._builder import BATCH_NORM_EPSILON
+from keras_moe.models._builder import BATCH_NORM_MOMENTUM
+from keras_moe.models._builder import BuilderModel
+from keras_moe.models._builder import batch_norm
+from keras_moe.models._builder import check_batch_norm
+from keras_moe.models._builder import check_model_kwargs
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 IMAGENET_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}
@@ -11,7 +17,7 @@ BOTTLENECKS = ("A", "B")
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class DeepMoEResNet(keras.Model):
+class DeepMoEResNet(BuilderModel):
     """DeepMoE-ResNet: a ResNet whose residual blocks are gated (DeepMoE).
 
     CIFAR ResNets of depth `6n + 2` (three stages of `n` basic blocks with
@@ -55,14 +61,25 @@ class DeepMoEResNet(keras.Model):
         gated: bool, whether to build the DeepMoE network or the plain one.
         bottleneck: `"A"` or `"B"`, the gated bottleneck of ResNet-50.
         embedding_dim: int, the size of the embedding `e`. Defaults to
-            `num_classes`, so that `e` itself is the embedding's class
-            prediction.
+            `num_classes` for CIFAR-size inputs, so that `e` itself is the
+            embedding's class prediction (the paper's `L_e` with `mu = 1`),
+            and to 64 for ImageNet-size inputs, where the paper sets
+            `mu = 0` and 1,000 latent weights would make the gating heads
+            as costly as a residual stage.
         embedding_layers: int, the embedding's stride-2 convolutions.
             Defaults to 4 for CIFAR-size inputs and 5 for ImageNet-size.
         embedding_filters: int, the width of the embedding's first
-            convolution (doubled at each following one).
+            convolution (doubled at each following one). Defaults to 32
+            for CIFAR-size inputs and 16 for ImageNet-size inputs, which
+            keeps the embedding and gating heads near the paper's "roughly
+            2%" of the base network's multiply-adds (see the presets
+            page).
+        batch_norm_momentum: float, the momentum of every batch
+            normalization (of the embedding too). Defaults to 0.9, the
+            papers' PyTorch networks' (0.1 in PyTorch's convention).
+        batch_norm_epsilon: float. Defaults to 1e-5, as in PyTorch.
         dtype: optional dtype policy of every layer.
-        **kwargs: `keras.Model` keyword arguments such as `name`.
+        **kwargs: `keras.Model` keyword arguments: `name`, `trainable`.
 
     Example:
 
@@ -89,17 +106,25 @@ class DeepMoEResNet(keras.Model):
         bottleneck="A",
         embedding_dim=None,
         embedding_layers=None,
-        embedding_filters=32,
+        embedding_filters=None,
+        batch_norm_momentum=BATCH_NORM_MOMENTUM,
+        batch_norm_epsilon=BATCH_NORM_EPSILON,
         dtype=None,
         **kwargs,
     ):
+        check_model_kwargs(type(self), kwargs)
         input_shape = tuple(input_shape)
         _validate(depth, num_classes, input_shape, variant, bottleneck)
+        batch_norm_momentum, batch_norm_epsilon = check_batch_norm(
+            batch_norm_momentum, batch_norm_epsilon
+        )
         cifar = max(input_shape[:2]) <= 64
         if embedding_dim is None:
-            embedding_dim = num_classes
+            embedding_dim = num_classes if cifar else 64
         if embedding_layers is None:
             embedding_layers = 4 if cifar else 5
+        if embedding_filters is None:
+            embedding_filters = 32 if cifar else 16
 
         # === Layers ===
         # The blocks' widths and strides; the gates' widths follow from
@@ -140,6 +165,8 @@ class DeepMoEResNet(keras.Model):
                 num_layers=embedding_layers,
                 filters=embedding_filters,
                 num_classes=num_classes,
+                batch_norm_momentum=batch_norm_momentum,
+                batch_norm_epsilon=batch_norm_epsilon,
                 dtype=dtype,
                 name="embedding",
             )(images)
@@ -150,7 +177,9 @@ class DeepMoEResNet(keras.Model):
             outputs["embedding_probs"] = class_probs
             outputs["gates"] = list(gate_list)
 
-        builder = _Builder(gated, dtype)
+        builder = _Builder(
+            gated, dtype, batch_norm_momentum, batch_norm_epsilon
+        )
         if cifar:
             x = builder.conv(images, 16, 3, name="stem_conv")
             x = builder.bn_relu(x, "stem")
@@ -180,9 +209,9 @@ class DeepMoEResNet(keras.Model):
         logits = keras.layers.Dense(num_classes, dtype=dtype, name="logits")(x)
         if gated:
             outputs = {"logits": logits, **outputs}
-            super().__init__(inputs=images, outputs=outputs, **kwargs)
         else:
-            super().__init__(inputs=images, outputs=logits, **kwargs)
+            outputs = logits
+        super().__init__(inputs=images, outputs=outputs, dtype=dtype, **kwargs)
 
         # === Config ===
         self.depth = depth
@@ -194,7 +223,8 @@ class DeepMoEResNet(keras.Model):
         self.embedding_dim = embedding_dim
         self.embedding_layers = embedding_layers
         self.embedding_filters = embedding_filters
-        self.dtype_name = dtype
+        self.batch_norm_momentum = batch_norm_momentum
+        self.batch_norm_epsilon = batch_norm_epsilon
 
     @property
     def gated_layers(self):
@@ -205,6 +235,7 @@ class DeepMoEResNet(keras.Model):
 
     def get_config(self):
         return {
+            **super().get_config(),
             "depth": self.depth,
             "num_classes": self.num_classes,
             "input_shape": self.image_shape,
@@ -214,13 +245,9 @@ class DeepMoEResNet(keras.Model):
             "embedding_dim": self.embedding_dim,
             "embedding_layers": self.embedding_layers,
             "embedding_filters": self.embedding_filters,
-            "dtype": self.dtype_name,
-            "name": self.name,
+            "batch_norm_momentum": self.batch_norm_momentum,
+            "batch_norm_epsilon": self.batch_norm_epsilon,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     @classmethod
     def from_preset(cls, preset, **overrides):
@@ -239,9 +266,11 @@ class DeepMoEResNet(keras.Model):
 class _Builder:
     """Adds the layers of the blocks, gated or plain."""
 
-    def __init__(self, gated, dtype):
+    def __init__(self, gated, dtype, bn_momentum, bn_epsilon):
         self.gated = gated
         self.dtype = dtype
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
 
     def conv(
         self,
@@ -267,8 +296,8 @@ class _Builder:
         return keras.layers.Conv2D(filters, kernel_size, **kwargs)(x)
 
     def bn_relu(self, x, name, relu=True):
-        x = keras.layers.BatchNormalization(
-            dtype=self.dtype, name=f"{name}_bn"
+        x = batch_norm(
+            self.dtype, self.bn_momentum, self.bn_epsilon, f"{name}_bn"
         )(x)
         if relu:
             x = keras.layers.ReLU(dtype=self.dtype, name=f"{name}_relu")(x)
@@ -392,6 +421,9 @@ def _presets():
         presets[f"wide_deepmoe_resnet{depth}_imagenet"] = dict(
             depth=depth, variant="wide", **imagenet
         )
+        if depth == 18:
+            # The smallest base: a narrower embedding keeps it near 2%.
+            presets["wide_deepmoe_resnet18_imagenet"]["embedding_filters"] = 12
         presets[f"resnet{depth}_imagenet"] = dict(
             depth=depth, variant="narrow", gated=False, **imagenet
         )

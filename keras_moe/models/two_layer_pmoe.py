@@ -1,10 +1,12 @@
 import keras
 
 from keras_moe.layers import PatchExpertChoiceMoE
+from keras_moe.models._builder import BuilderModel
+from keras_moe.models._builder import check_model_kwargs
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class TwoLayerPMoE(keras.Model):
+class TwoLayerPMoE(BuilderModel):
     """The two-layer pMoE CNN of the pMoE theory (eq. 1).
 
     The input is cut into `n` non-overlapping patches `x^(j)` of
@@ -88,6 +90,7 @@ class TwoLayerPMoE(keras.Model):
         dtype=None,
         **kwargs,
     ):
+        check_model_kwargs(type(self), kwargs)
         input_shape = tuple(input_shape)
         patch_size = _pair("patch_size", patch_size)
         grid = _grid(input_shape, patch_size)
@@ -151,7 +154,7 @@ class TwoLayerPMoE(keras.Model):
             output_initializer,
             dtype,
         )
-        super().__init__(inputs=images, outputs=logits, **kwargs)
+        super().__init__(inputs=images, outputs=logits, dtype=dtype, **kwargs)
 
         # === Config ===
         self.pmoe_layer = pmoe_layer
@@ -166,10 +169,10 @@ class TwoLayerPMoE(keras.Model):
         self.expert_initializer = expert_initializer
         self.router_initializer = router_initializer
         self.output_initializer = output_initializer
-        self.dtype_name = dtype
 
     def get_config(self):
         return {
+            **super().get_config(),
             "num_experts": self.num_experts,
             "neurons_per_expert": self.neurons_per_expert,
             "patches_per_expert": self.patches_per_expert,
@@ -181,17 +184,11 @@ class TwoLayerPMoE(keras.Model):
             "expert_initializer": _serialize(self.expert_initializer),
             "router_initializer": _serialize(self.router_initializer),
             "output_initializer": _serialize(self.output_initializer),
-            "dtype": self.dtype_name,
-            "name": self.name,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class TwoLayerCNN(keras.Model):
+class TwoLayerCNN(BuilderModel):
     """The single-expert CNN counterpart of the two-layer pMoE (eq. 5).
 
     Every one of the `num_neurons` (`m`) ReLU neurons `w_r` sees every one
@@ -241,6 +238,7 @@ class TwoLayerCNN(keras.Model):
         dtype=None,
         **kwargs,
     ):
+        check_model_kwargs(type(self), kwargs)
         input_shape = tuple(input_shape)
         patch_size = _pair("patch_size", patch_size)
         grid = _grid(input_shape, patch_size)
@@ -281,7 +279,7 @@ class TwoLayerCNN(keras.Model):
             output_initializer,
             dtype,
         )
-        super().__init__(inputs=images, outputs=logits, **kwargs)
+        super().__init__(inputs=images, outputs=logits, dtype=dtype, **kwargs)
 
         # === Config ===
         self.num_neurons = num_neurons
@@ -291,10 +289,10 @@ class TwoLayerCNN(keras.Model):
         self.train_output_layer = train_output_layer
         self.expert_initializer = expert_initializer
         self.output_initializer = output_initializer
-        self.dtype_name = dtype
 
     def get_config(self):
         return {
+            **super().get_config(),
             "num_neurons": self.num_neurons,
             "patch_size": self.patch_size,
             "input_shape": self.image_shape,
@@ -302,13 +300,7 @@ class TwoLayerCNN(keras.Model):
             "train_output_layer": self.train_output_layer,
             "expert_initializer": _serialize(self.expert_initializer),
             "output_initializer": _serialize(self.output_initializer),
-            "dtype": self.dtype_name,
-            "name": self.name,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 def _patches_as_channels(images, patch_size, grid, dtype):

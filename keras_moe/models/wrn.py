@@ -1,11 +1,17 @@
 import keras
 
 from keras_moe.layers import PatchExpertChoiceMoE
+from keras_moe.models._builder import BATCH_NORM_EPSILON
+from keras_moe.models._builder import BATCH_NORM_MOMENTUM
+from keras_moe.models._builder import BuilderModel
+from keras_moe.models._builder import batch_norm
+from keras_moe.models._builder import check_batch_norm
+from keras_moe.models._builder import check_model_kwargs
 from keras_moe.models.deepmoe_resnet import build_preset
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class WideResNet(keras.Model):
+class WideResNet(BuilderModel):
     """Wide residual network (WRN), and WRN-pMoE with a patch-level MoE.
 
     The pre-activation WRN-`depth`-`widening_factor` of Zagoruyko and
@@ -59,8 +65,11 @@ class WideResNet(keras.Model):
             constructor arguments for WRN-pMoE.
         dropout_rate: float in `[0, 1)`, dropout between the two
             convolutions of every block (0 for none).
+        batch_norm_momentum: float, the momentum of every batch
+            normalization. Defaults to 0.9 (PyTorch's 0.1).
+        batch_norm_epsilon: float. Defaults to 1e-5.
         dtype: optional dtype policy of every layer.
-        **kwargs: `keras.Model` keyword arguments such as `name`.
+        **kwargs: `keras.Model` keyword arguments: `name`, `trainable`.
 
     Example:
 
@@ -89,9 +98,13 @@ class WideResNet(keras.Model):
         input_shape=(32, 32, 3),
         pmoe=None,
         dropout_rate=0.0,
+        batch_norm_momentum=BATCH_NORM_MOMENTUM,
+        batch_norm_epsilon=BATCH_NORM_EPSILON,
         dtype=None,
         **kwargs,
     ):
+        check_model_kwargs(type(self), kwargs)
+        bn = check_batch_norm(batch_norm_momentum, batch_norm_epsilon)
         input_shape = tuple(input_shape)
         _validate(depth, widening_factor, num_classes, input_shape)
         if pmoe is not None and not isinstance(pmoe, dict):
@@ -141,15 +154,15 @@ class WideResNet(keras.Model):
                     strides,
                     dropout_rate,
                     dtype,
+                    bn,
                     f"block{index}",
                     pmoe_layer if index == num_blocks else None,
                     pmoe,
                 )
-        x = keras.layers.BatchNormalization(dtype=dtype, name="final_bn")(x)
-        x = keras.layers.ReLU(dtype=dtype, name="final_relu")(x)
+        x = _bn_relu(x, dtype, bn, "final")
         x = keras.layers.GlobalAveragePooling2D(dtype=dtype, name="pool")(x)
         logits = keras.layers.Dense(num_classes, dtype=dtype, name="logits")(x)
-        super().__init__(inputs=images, outputs=logits, **kwargs)
+        super().__init__(inputs=images, outputs=logits, dtype=dtype, **kwargs)
 
         # === Config ===
         self.depth = depth
@@ -158,7 +171,7 @@ class WideResNet(keras.Model):
         self.image_shape = input_shape
         self.pmoe = None if pmoe is None else dict(pmoe)
         self.dropout_rate = dropout_rate
-        self.dtype_name = dtype
+        self.batch_norm_momentum, self.batch_norm_epsilon = bn
 
     @property
     def pmoe_layer(self):
@@ -178,14 +191,15 @@ class WideResNet(keras.Model):
                 for expert in pmoe["experts"]
             ]
         return {
+            **super().get_config(),
             "depth": self.depth,
             "widening_factor": self.widening_factor,
             "num_classes": self.num_classes,
             "input_shape": self.image_shape,
             "pmoe": pmoe,
             "dropout_rate": self.dropout_rate,
-            "dtype": self.dtype_name,
-            "name": self.name,
+            "batch_norm_momentum": self.batch_norm_momentum,
+            "batch_norm_epsilon": self.batch_norm_epsilon,
         }
 
     @classmethod
@@ -227,21 +241,21 @@ def _conv(x, filters, kernel_size, strides, dtype, name):
     )(x)
 
 
-def _bn_relu(x, dtype, name):
-    x = keras.layers.BatchNormalization(dtype=dtype, name=f"{name}_bn")(x)
+def _bn_relu(x, dtype, bn, name):
+    x = batch_norm(dtype, *bn, name=f"{name}_bn")(x)
     return keras.layers.ReLU(dtype=dtype, name=f"{name}_relu")(x)
 
 
-def _block(x, width, strides, dropout_rate, dtype, name, pmoe_layer, pmoe):
+def _block(x, width, strides, dropout_rate, dtype, bn, name, pmoe_layer, pmoe):
     """A pre-activation basic block; `pmoe_layer` replaces its second
     convolution when given."""
-    activated = _bn_relu(x, dtype, f"{name}_1")
+    activated = _bn_relu(x, dtype, bn, f"{name}_1")
     if strides == 1 and x.shape[-1] == width:
         shortcut = x
     else:
         shortcut = _conv(activated, width, 1, strides, dtype, f"{name}_proj")
     y = _conv(activated, width, 3, strides, dtype, f"{name}_conv1")
-    y = _bn_relu(y, dtype, f"{name}_2")
+    y = _bn_relu(y, dtype, bn, f"{name}_2")
     if dropout_rate:
         y = keras.layers.Dropout(
             dropout_rate, dtype=dtype, name=f"{name}_dropout"
