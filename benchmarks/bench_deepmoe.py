@@ -51,11 +51,12 @@ def train_step_time(model, x, y, repeats, deepmoe):
 def embedding_fraction(network):
     report = flop_report(network)
     gating = sum(
-        r["dense"]
+        r["dense_macs"]
         for r in report.layers
         if r["type"] in ("ShallowEmbedding", "SparseGatingHeads")
     )
-    return gating / (report.dense - gating), report.dense - gating, gating
+    base = report.dense_macs - gating
+    return gating / base, base, gating
 
 
 def run(quick, output):
@@ -87,8 +88,8 @@ def run(quick, output):
         fraction, base, gating = embedding_fraction(deepmoe.network)
         row.update(
             {
-                "embedding_and_gating_mflops": gating / 1e6,
-                "base_network_mflops": base / 1e6,
+                "embedding_and_gating_mmacs": gating / 1e6,
+                "base_network_mmacs": base / 1e6,
                 "embedding_fraction": fraction,
             }
         )
@@ -99,9 +100,9 @@ def run(quick, output):
     for row in rows:
         print(
             f"{row['name']}: embedding + gating heads "
-            f"{row['embedding_and_gating_mflops']:.2f} MFLOPs = "
+            f"{row['embedding_and_gating_mmacs']:.2f} M multiply-adds = "
             f"{100 * row['embedding_fraction']:.1f}% of the base network "
-            f"({row['base_network_mflops']:.0f} MFLOPs; the paper: about 2%)"
+            f"({row['base_network_mmacs']:.0f} M; the paper: about 2%)"
         )
     common.write_json(output, "deepmoe_train_step", rows)
 

@@ -100,8 +100,8 @@ def run(quick, widening_factor, batch_size, output):
             timing_plain,
             TARGET,
         )
-        flops_pmoe = flop_report(pmoe).dense
-        flops_plain = flop_report(plain).dense
+        flops_pmoe = flop_report(pmoe).dense_flops
+        flops_plain = flop_report(plain).dense_flops
         layer = pmoe.pmoe_layer
         row.update(
             widening_factor=widening_factor,

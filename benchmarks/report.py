@@ -96,10 +96,11 @@ def section(benchmark, results):
                 for row in extra:
                     lines.append(
                         f"- {row['name']}: the embedding and gating heads "
-                        f"cost {row['embedding_and_gating_mflops']:.2f} "
-                        f"MFLOPs, {100 * row['embedding_fraction']:.1f}% of "
+                        f"cost {row['embedding_and_gating_mmacs']:.2f} "
+                        f"M multiply-adds, "
+                        f"{100 * row['embedding_fraction']:.1f}% of "
                         f"the base network's "
-                        f"{row['base_network_mflops']:.0f} MFLOPs (the "
+                        f"{row['base_network_mmacs']:.0f} M (the "
                         "paper: about 2%)."
                     )
             flops = [row for row in result["rows"] if "flop_ratio" in row]

@@ -26,7 +26,7 @@ def add_training_arguments(
     learning_rate,
     lr_boundaries,
     batch_size,
-    lambda_gate=1e-3,
+    lambda_gate=1.0,
     mu=1.0,
     weight_decay=1e-4,
     nesterov=True,
@@ -45,8 +45,26 @@ def add_training_arguments(
         default=finetune_epochs,
         help="n1: fine-tuning with the gating frozen and lambda = mu = 0",
     )
-    parser.add_argument("--lambda-gate", type=float, default=lambda_gate)
-    parser.add_argument("--mu", type=float, default=mu)
+    parser.add_argument(
+        "--lambda-gate",
+        type=float,
+        default=lambda_gate,
+        help="lambda, the weight of the gate sparsity loss L_g (the paper: "
+        "0.001 to 8 on CIFAR; larger is sparser and cheaper)",
+    )
+    parser.add_argument(
+        "--gate-reduction",
+        choices=["mean", "sum"],
+        default="mean",
+        help="L_g as the mean gate (on the cross-entropy's scale, where "
+        "the paper's lambda values apply) or as eq. 8's sum",
+    )
+    parser.add_argument(
+        "--mu",
+        type=float,
+        default=mu,
+        help="mu, the weight of the embedding's cross-entropy L_e",
+    )
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--learning-rate", type=float, default=learning_rate)
     parser.add_argument(
@@ -159,6 +177,7 @@ def train(
             network,
             lambda_gate=args.lambda_gate,
             mu=args.mu,
+            gate_reduction=args.gate_reduction,
             ignore_class=ignore_class,
         )
         history = train_two_phase(
@@ -265,13 +284,23 @@ def results(args, info, network, history, flops, stats, gated, **metrics):
         "joint_epochs": args.joint_epochs,
         "finetune_epochs": args.finetune_epochs,
         "lambda_gate": args.lambda_gate if gated else None,
+        "gate_reduction": args.gate_reduction if gated else None,
         "mu": args.mu if gated else None,
         **metrics,
-        "dense_mflops": flops.dense / 1e6,
-        "effective_mflops": flops.effective / 1e6,
+        "dense_mmacs": flops.dense_macs / 1e6,
+        "effective_mmacs": flops.effective_macs / 1e6,
         "flops_ratio": flops.ratio,
         "parameters": int(network.count_params()),
         "seconds_per_epoch": float(np.mean(seconds)) if seconds else None,
+        "mean_gate": None
+        if stats is None
+        else float(
+            np.sum(stats.mean_gate * stats.channels) / np.sum(stats.channels)
+        ),
+        # Layers whose gates are zero for every test example.
+        "collapsed_layers": None
+        if stats is None
+        else int(np.sum(stats.collapsed_fraction == 1.0)),
         "gate_density": None
         if stats is None
         else {
@@ -284,7 +313,7 @@ def results(args, info, network, history, flops, stats, gated, **metrics):
     }
 
 
-def _flops(value):
+def _millions(value):
     if value >= 1e9:
         return f"{value / 1e9:.2f} G"
     return f"{value / 1e6:.1f} M"
@@ -297,10 +326,10 @@ def report(results, stats, metric_lines, output_dir, figures):
     print()
     for line in metric_lines:
         print(line)
-    dense, effective = results["dense_mflops"], results["effective_mflops"]
+    dense, effective = results["dense_mmacs"], results["effective_mmacs"]
     print(
-        f"FLOPs per image: dense {_flops(1e6 * dense)}, effective "
-        f"{_flops(1e6 * effective)} ({results['flops_ratio']:.2f} of dense)"
+        f"multiply-adds per image: dense {_millions(1e6 * dense)}, effective "
+        f"{_millions(1e6 * effective)} ({results['flops_ratio']:.2f} of dense)"
     )
     if stats is not None:
         print(f"gate density {stats.overall_density:.3f}; per layer:")

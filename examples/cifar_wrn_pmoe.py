@@ -318,7 +318,7 @@ def describe(model, kind, args):
     layer = model.pmoe_layer
     described = {
         "parameters": int(model.count_params()),
-        "mflops_per_image": analysis.flop_report(model).dense / 1e6,
+        "mmacs_per_image": analysis.flop_report(model).dense_macs / 1e6,
         "pmoe": None
         if layer is None
         else {
@@ -334,7 +334,7 @@ def describe(model, kind, args):
     print(
         f"{LABELS[kind]}-{args.depth}-{args.widening_factor}: "
         f"{described['parameters']:,} parameters, "
-        f"{described['mflops_per_image']:.1f} MFLOPs per image"
+        f"{described['mmacs_per_image']:.1f} M multiply-adds per image"
     )
     return described
 

@@ -113,7 +113,7 @@ def test_cifar_deepmoe_smoke_and_resume(tmp_path, model):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
     assert 0.0 <= results["test_accuracy"] <= 1.0
-    assert results["effective_mflops"] <= results["dense_mflops"]
+    assert results["effective_mmacs"] <= results["dense_mmacs"]
     assert (tmp_path / "curves.png").exists()
     if "deepmoe" in model:
         assert results["history"]["phase"] == [1, 2]
@@ -153,7 +153,7 @@ def test_imagenet_deepmoe_smoke(tmp_path):
     # The paper's ImageNet schedule: joint training only.
     assert results["history"]["phase"] == [1]
     assert results["mu"] == 0.0
-    assert results["effective_mflops"] <= results["dense_mflops"]
+    assert results["effective_mmacs"] <= results["dense_mmacs"]
     assert len(results["gate_density"]["per_layer"]) == 3
     assert "val_top5_accuracy" in results["history"]
     for figure in ("curves.png", "gate_density.png", "class_gates.png"):
@@ -179,7 +179,7 @@ def test_cityscapes_deepmoe_drn_smoke(tmp_path):
     assert 0.0 <= results["pixel_accuracy"] <= 1.0
     # Four bottleneck-A blocks, two gated convolutions each.
     assert len(results["gate_density"]["per_layer"]) == 8
-    assert results["effective_mflops"] <= results["dense_mflops"]
+    assert results["effective_mmacs"] <= results["dense_mmacs"]
     assert (tmp_path / "gate_density.png").exists()
 
 

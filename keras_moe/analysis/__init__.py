@@ -4,8 +4,8 @@ from keras_moe.analysis.callbacks import RoutingCollapseWarning
 from keras_moe.analysis.callbacks import RoutingMonitor
 from keras_moe.analysis.flops import FlopReport
 from keras_moe.analysis.flops import flop_report
-from keras_moe.analysis.flops import gated_flop_terms
 from keras_moe.analysis.flops import layer_flops
+from keras_moe.analysis.flops import layer_macs
 from keras_moe.analysis.plots import plot_class_gate_patterns
 from keras_moe.analysis.plots import plot_expert_load
 from keras_moe.analysis.plots import plot_gate_density
@@ -25,8 +25,8 @@ from keras_moe.analysis.routing import patch_routing_statistics
 __all__ = [
     "FlopReport",
     "flop_report",
-    "gated_flop_terms",
     "layer_flops",
+    "layer_macs",
     "GateStatistics",
     "PatchRoutingStatistics",
     "RoutingCollapseWarning",

@@ -1,28 +1,50 @@
 import keras
 from keras import ops
 
+from keras_moe.layers._validation import check_choice
+from keras_moe.layers._validation import check_non_negative_number
 from keras_moe.layers._validation import check_positive_int
 from keras_moe.layers._validation import check_rank
 from keras_moe.layers._validation import independent_initializer
 
+GATE_REDUCTIONS = ("mean", "sum")
 
-def gate_l1(gates):
-    """The DeepMoE sparsity loss `L_g = sum_l ||G^l||_1`, batch-averaged.
+
+def gate_l1(gates, reduction="sum"):
+    """The DeepMoE sparsity loss `L_g`, batch-averaged.
+
+    With `reduction="sum"`, `L_g = sum_l ||G^l||_1`: the L1 norms of every
+    layer's gates, summed over the layers (DeepMoE eq. 8 as written). With
+    `reduction="mean"`, the same sum divided by the total number of gates
+    `sum_l C_l`: the mean gate magnitude, about 1 for a network that starts
+    dense whatever its size. Both are averaged over the batch, and give the
+    same gradient direction; they differ by the constant `sum_l C_l`.
 
     Args:
         gates: a gate tensor of shape `(batch, channels)` or a list of them,
             one per gated layer (the output of `SparseGatingHeads`).
+        reduction: `"sum"` (eq. 8) or `"mean"`. Defaults to `"sum"`.
 
     Returns:
-        A float32 scalar: the L1 norms of every layer's gates, summed over
-        the layers and averaged over the batch (DeepMoE eq. 8).
+        A float32 scalar.
+
+    Example:
+
+    ```python
+    gates = [np.ones((2, 4), "float32"), np.zeros((2, 12), "float32")]
+    float(keras_moe.layers.gate_l1(gates))  # 4.0
+    float(keras_moe.layers.gate_l1(gates, reduction="mean"))  # 0.25
+    ```
     """
+    check_choice("reduction", reduction, GATE_REDUCTIONS)
     if not isinstance(gates, (list, tuple)):
         gates = [gates]
     total = 0.0
     for gate in gates:
         gate = ops.cast(gate, "float32")
         total = total + ops.mean(ops.sum(ops.abs(gate), axis=-1))
+    if reduction == "mean":
+        total = total / float(sum(int(gate.shape[-1]) for gate in gates))
     return total
 
 
@@ -41,15 +63,25 @@ class SparseGatingHeads(keras.layers.Layer):
     channels get switched off.
 
     With `lambda_gate > 0` the layer adds `lambda_gate * L_g` to the model's
-    losses (`layer.losses`), where `L_g = sum_l ||G^l||_1` averaged over the
-    batch (DeepMoE eq. 8). `keras_moe.layers.gate_l1` computes `L_g` for
-    training code that weighs it itself.
+    losses (`layer.losses`), where `L_g` is the gate L1 norm of DeepMoE
+    eq. 8, averaged over the batch. By default (`gate_reduction="mean"`)
+    `L_g` is divided by the number of gates, so that it is about 1 for a
+    dense network of any size, on the scale of the cross-entropy: the
+    paper's `lambda` values (0.001 to 8 on CIFAR, section 5) then behave
+    as in the paper, from nearly dense to strongly sparse.
+    `gate_reduction="sum"` is eq. 8 literally, whose scale grows with the
+    number of gated channels (2,016 for wide DeepMoE-ResNet-56), so that
+    a `lambda` of the paper's range switches every gate off within a few
+    steps. `keras_moe.layers.gate_l1` computes `L_g` for training code
+    that weighs it itself.
 
     Args:
         channels: list of ints `[C_1, ..., C_L]`, the number of gates (input
             channels of the gated convolution) of each head.
         lambda_gate: float >= 0, the weight `lambda` of the sparsity loss
             added through `add_loss`. Defaults to 0 (no loss added).
+        gate_reduction: `"mean"` or `"sum"`, how `L_g` reduces over the
+            gates (see above and `gate_l1`). Defaults to `"mean"`.
         use_bias: bool, whether the heads have a bias. The paper's heads have
             none. Defaults to `False`.
         kernel_initializer: initializer of the head kernels `W_g^l`.
@@ -87,6 +119,7 @@ class SparseGatingHeads(keras.layers.Layer):
         self,
         channels,
         lambda_gate=0.0,
+        gate_reduction="mean",
         use_bias=False,
         kernel_initializer=None,
         bias_initializer="zeros",
@@ -102,16 +135,10 @@ class SparseGatingHeads(keras.layers.Layer):
         for value in channels:
             check_positive_int("channels", value)
         self.channels = list(channels)
-        if (
-            isinstance(lambda_gate, bool)
-            or not isinstance(lambda_gate, (int, float))
-            or lambda_gate < 0
-        ):
-            raise ValueError(
-                "`lambda_gate` must be a non-negative number. "
-                f"Received: lambda_gate={lambda_gate!r}"
-            )
-        self.lambda_gate = float(lambda_gate)
+        self.lambda_gate = check_non_negative_number("lambda_gate", lambda_gate)
+        self.gate_reduction = check_choice(
+            "gate_reduction", gate_reduction, GATE_REDUCTIONS
+        )
         self.use_bias = use_bias
         if kernel_initializer is None:
             kernel_initializer = keras.initializers.RandomNormal(
@@ -149,7 +176,9 @@ class SparseGatingHeads(keras.layers.Layer):
     def call(self, inputs):
         gates = [head(inputs) for head in self.heads]
         if self.lambda_gate > 0:
-            self.add_loss(self.lambda_gate * gate_l1(gates))
+            self.add_loss(
+                self.lambda_gate * gate_l1(gates, self.gate_reduction)
+            )
         return gates
 
     def compute_output_shape(self, inputs_shape):
@@ -161,6 +190,7 @@ class SparseGatingHeads(keras.layers.Layer):
             {
                 "channels": self.channels,
                 "lambda_gate": self.lambda_gate,
+                "gate_reduction": self.gate_reduction,
                 "use_bias": self.use_bias,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer

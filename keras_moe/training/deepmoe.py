@@ -2,28 +2,72 @@
 
 import json
 import os
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_moe.analysis.flops import gated_flop_terms
+from keras_moe.analysis.callbacks import RoutingCollapseWarning
+from keras_moe.analysis.flops import cost_terms
+from keras_moe.layers import GatedConv2D
 from keras_moe.layers import ShallowEmbedding
 from keras_moe.layers import SparseGatingHeads
 from keras_moe.layers import gate_l1
+from keras_moe.layers._validation import check_choice
+from keras_moe.layers._validation import check_non_negative_number
+from keras_moe.layers.sparse_gating_heads import GATE_REDUCTIONS
 
 
-def _check_weight(name, value):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (value < 0)
-    ):
-        raise ValueError(
-            f"`{name}` must be a non-negative number. Received: "
-            f"{name}={value!r}"
+class _LastValue(keras.metrics.Metric):
+    """A metric whose result is the value of the last batch."""
+
+    def __init__(self, name, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.value = self.add_variable(
+            shape=(), initializer="zeros", name="value"
         )
-    return float(value)
+
+    def update_state(self, value):
+        self.value.assign(ops.cast(value, self.dtype))
+
+    def result(self):
+        return ops.convert_to_tensor(self.value)
+
+
+class _CollapseAlarm(keras.callbacks.Callback):
+    """Warns as soon as a gated layer has every gate at zero in a batch."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer = trainer
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.trainer._collapse_reported or not logs:
+            return
+        collapsed = logs.get("collapsed_layers")
+        if collapsed is None:
+            return
+        collapsed = int(round(float(ops.convert_to_numpy(collapsed))))
+        if collapsed > 0:
+            self.trainer._collapse_reported = True
+            warnings.warn(
+                f"Gate collapse at epoch {self.epoch + 1}, step {batch + 1}: "
+                f"{collapsed} of {self.trainer._num_gated} gated layers have "
+                "every gate at zero for the whole batch, so the network now "
+                "bypasses them (the signal goes through shortcuts only, or "
+                "stops). lambda_gate="
+                f"{self.trainer.lambda_gate:g} with gate_reduction="
+                f"{self.trainer.gate_reduction!r} is too strong for this "
+                "schedule: lower it. `keras_moe.analysis.gate_statistics` "
+                "shows which layers collapsed.",
+                RoutingCollapseWarning,
+                stacklevel=2,
+            )
 
 
 def _replicas_in_sync():
@@ -46,24 +90,41 @@ class DeepMoETrainer(keras.Model):
 
     - `L_b`: cross entropy of the logits (per pixel for segmentation
       logits), with integer labels;
-    - `L_g`: the gate L1 norm of eq. 8, summed over the gated layers and
-      averaged over the batch (`keras_moe.layers.gate_l1`);
+    - `L_g`: the gate L1 norm of eq. 8, averaged over the batch
+      (`keras_moe.layers.gate_l1`). By default it is divided by the number
+      of gates (`gate_reduction="mean"`), which puts it on the scale of the
+      cross-entropy (about 1 for a dense network, whatever its size), as
+      the paper's choice of `mu = 1` "to match the scale of the cross
+      entropy loss" and its `lambda` range assume: the paper's values
+      (0.001 to 8 on CIFAR) then range from nearly dense to strongly
+      sparse. `gate_reduction="sum"` is eq. 8 as written: its value is
+      the number of gated channels at initialization (2,016 for wide
+      DeepMoE-ResNet-56), and the paper's `lambda` values switch every
+      gate off within a few steps;
     - `L_e`: cross entropy of the embedding's class prediction (skipped when
       the network has no `"embedding_probs"` output).
 
-    The logs show `loss` (J), `base_loss`, `gate_loss`, `embedding_loss`,
-    `gate_density` (fraction of non-zero gates) and `flops_ratio` (effective
-    over dense FLOPs of the network under the batch's gates), next to the
-    compiled metrics, which see the logits. `predict` returns the logits.
+    The logs show `loss` (J), `base_loss`, `gate_loss` (`L_g`, unweighted),
+    `embedding_loss`, `gate_density` (fraction of non-zero gates),
+    `flops_ratio` (effective over dense multiply-adds of the network under
+    the batch's gates; a ratio, so the same in FLOPs) and
+    `collapsed_layers` (gated layers whose gates are all zero for the
+    whole of the last batch), next to the compiled metrics, which see the
+    logits. The first time a layer collapses during `fit`, a
+    `keras_moe.analysis.RoutingCollapseWarning` says so, with the epoch and
+    step. `predict` returns the logits.
 
     Changing `lambda_gate` or `mu` takes effect at the next `compile`.
 
     Args:
         network: the DeepMoE network.
         lambda_gate: float >= 0, the weight `lambda` of `L_g` (the paper
-            uses 0.001 to 8; larger values give sparser, cheaper networks).
+            uses 0.001 to 8 on CIFAR; larger values give sparser, cheaper
+            networks). Defaults to 1.0.
         mu: float >= 0, the weight of `L_e` (the paper: 1 on CIFAR, 0 on
             ImageNet).
+        gate_reduction: `"mean"` (default) or `"sum"`, how `L_g` reduces
+            over the gates (see above).
         ignore_class: optional label left out of `L_b`, such as
             Cityscapes' 255 for segmentation.
         **kwargs: `keras.Model` keyword arguments.
@@ -87,21 +148,33 @@ class DeepMoETrainer(keras.Model):
     """
 
     def __init__(
-        self, network, lambda_gate=1e-3, mu=1.0, ignore_class=None, **kwargs
+        self,
+        network,
+        lambda_gate=1.0,
+        mu=1.0,
+        gate_reduction="mean",
+        ignore_class=None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.network = network
-        self.lambda_gate = _check_weight("lambda_gate", lambda_gate)
-        self.mu = _check_weight("mu", mu)
+        self.lambda_gate = check_non_negative_number("lambda_gate", lambda_gate)
+        self.mu = check_non_negative_number("mu", mu)
+        self.gate_reduction = check_choice(
+            "gate_reduction", gate_reduction, GATE_REDUCTIONS
+        )
         self.ignore_class = ignore_class
         self.base_loss_tracker = keras.metrics.Mean(name="base_loss")
         self.gate_loss_tracker = keras.metrics.Mean(name="gate_loss")
         self.embedding_loss_tracker = keras.metrics.Mean(name="embedding_loss")
         self.gate_density_tracker = keras.metrics.Mean(name="gate_density")
         self.flops_ratio_tracker = keras.metrics.Mean(name="flops_ratio")
-        dense, terms = gated_flop_terms(network)
-        self._dense_flops = float(dense)
-        self._gated_flops = [float(t) for t in terms]
+        self.collapsed_tracker = _LastValue(name="collapsed_layers")
+        self._collapse_reported = False
+        self._dense_macs, self._cost_terms = cost_terms(network)
+        self._num_gated = sum(
+            isinstance(layer, GatedConv2D) for layer in network.layers
+        )
 
     def call(self, inputs, training=None):
         return self.network(inputs, training=training)
@@ -122,7 +195,7 @@ class DeepMoETrainer(keras.Model):
             )
             base = ops.sum(per_pixel * valid) / ops.maximum(ops.sum(valid), 1.0)
         gates = y_pred.get("gates", [])
-        gate = gate_l1(gates) if gates else ops.zeros(())
+        gate = gate_l1(gates, self.gate_reduction) if gates else ops.zeros(())
         if "embedding_probs" in y_pred:
             embedding = ops.mean(
                 keras.losses.sparse_categorical_crossentropy(
@@ -169,16 +242,52 @@ class DeepMoETrainer(keras.Model):
                 )
                 / total
             )
-            saved = sum(
-                term * (1.0 - ops.mean(a))
-                for term, a in zip(self._gated_flops, active)
+            ratio = self._macs_ratio(gates)
+            collapsed = sum(
+                1.0 - ops.cast(ops.any(ops.not_equal(g, 0)), "float32")
+                for g in gates
             )
-            ratio = (self._dense_flops - saved) / self._dense_flops
         else:
             density = ratio = ops.ones(())
+            collapsed = ops.zeros(())
         self.gate_density_tracker.update_state(density)
         self.flops_ratio_tracker.update_state(ratio)
+        self.collapsed_tracker.update_state(collapsed)
         return super().compute_metrics(x, y, y_pred["logits"], sample_weight)
+
+    def _macs_ratio(self, gates):
+        """Effective over dense multiply-adds under the batch's gates:
+        every thinned layer costs, per example, its dense multiply-adds
+        times its active input and needed output fractions (per group)."""
+        masks = [ops.cast(ops.not_equal(g, 0), "float32") for g in gates]
+
+        def counts(indices, channels, groups):
+            if indices is None:
+                return channels / groups
+            mask = masks[indices[0]]
+            for index in indices[1:]:
+                mask = ops.maximum(mask, masks[index])
+            mask = ops.reshape(mask, (-1, groups, channels // groups))
+            return ops.sum(mask, axis=-1)
+
+        saved = 0.0
+        for term in self._cost_terms:
+            inputs = counts(
+                None if term.input_gate is None else (term.input_gate,),
+                term.in_channels,
+                term.groups,
+            )
+            outputs = counts(term.output_gates, term.out_channels, term.groups)
+            unit = term.dense_macs * term.groups
+            unit /= term.in_channels * term.out_channels
+            macs = ops.mean(ops.sum(inputs * outputs, axis=-1)) * unit
+            saved = saved + (term.dense_macs - macs)
+        return (self._dense_macs - saved) / self._dense_macs
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`, watching for gate collapse (see above)."""
+        callbacks = list(callbacks or []) + [_CollapseAlarm(self)]
+        return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def predict(self, x, **kwargs):
         """Runs the network; returns the logits only."""
@@ -210,6 +319,7 @@ class DeepMoETrainer(keras.Model):
             "network": keras.saving.serialize_keras_object(self.network),
             "lambda_gate": self.lambda_gate,
             "mu": self.mu,
+            "gate_reduction": self.gate_reduction,
             "ignore_class": self.ignore_class,
         }
 
