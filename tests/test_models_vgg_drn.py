@@ -2,8 +2,8 @@ import keras
 import numpy as np
 import pytest
 
+from keras_moe.analysis import flop_report
 from keras_moe.layers import GatedConv2D
-from keras_moe.models import WIDENING
 from keras_moe.models import DeepMoEDRN
 from keras_moe.models import DeepMoEVGG16
 from keras_moe.training import DeepMoETrainer
@@ -19,40 +19,88 @@ def conv_widths(model):
     ]
 
 
-@pytest.mark.parametrize("widening", list(WIDENING))
-def test_vgg_widths_follow_the_table(widening):
+# DeepMoE table 6, read from the paper: the 13 convolutions' widths.
+PAPER_TABLE_6 = {
+    None: [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512],
+    "W1-High": [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 1536, 512, 512],
+    "W1-Mid": [64, 64, 128, 128, 2990, 256, 256, 512, 512, 512, 512, 512, 512],
+    "W4-Low": [512, 512, 615, 615, 256, 256, 256, 512, 512, 512, 512, 512, 512],
+    "W13-All": [128, 128, 256, 256, 405, 405, 405] + [615] * 6,
+}
+# DeepMoE table 4 ("Params" control): parameters in millions and FLOPs
+# (multiply-adds) in units of 1e8, of the dense widened networks.
+PAPER_TABLE_4 = {
+    "W1-High": (24.15, 3.51),
+    "W1-Mid": (24.16, 9.18),
+    "W4-Low": (24.18, 43.16),
+    "W13-All": (24.18, 8.15),
+}
+
+
+@pytest.mark.parametrize("widening", list(PAPER_TABLE_6))
+def test_vgg_widths_are_table_6(widening):
     model = DeepMoEVGG16(num_classes=10, widening=widening, gated=False)
-    assert conv_widths(model) == list(WIDENING[widening])
+    assert conv_widths(model) == PAPER_TABLE_6[widening]
 
 
-def test_vgg_table_values_and_equal_sizes():
-    assert (
-        WIDENING["W13-All"] == (128, 128, 256, 256, 405, 405, 405) + (615,) * 6
+@pytest.mark.parametrize("widening", list(PAPER_TABLE_4))
+def test_vgg_sizes_are_table_4(widening):
+    model = DeepMoEVGG16(num_classes=100, widening=widening, gated=False)
+    # The paper counts the convolutions' weights.
+    params = sum(
+        int(np.prod(layer.kernel.shape))
+        for layer in model.layers
+        if layer.name.startswith("conv")
     )
-    assert WIDENING["W1-Mid"][4] == 2990
+    # Multiply-adds of the 13 3x3 convolutions at 32x32, by hand: every
+    # output position costs 9 * in * out; the side halves after 2, 4, 7
+    # and 10 convolutions.
+    macs, channels = 0, 3
+    for i, width in enumerate(PAPER_TABLE_6[widening]):
+        side = 32 >> sum(i > p for p in (1, 3, 6, 9))
+        macs, channels = macs + side * side * 9 * channels * width, width
+    paper_params, paper_macs = PAPER_TABLE_4[widening]
+    assert round(params / 1e6, 2) == paper_params
+    assert round(macs / 1e8, 2) == paper_macs
+    report = flop_report(model)
+    convs = sum(
+        r["dense_macs"] for r in report.layers if r["name"][:4] == "conv"
+    )
+    assert convs == macs
 
-    def conv_params(widths):
-        params, channels = 0, 3
-        for width in widths:
-            params, channels = params + 9 * channels * width, width
-        return params
 
-    sizes = [conv_params(WIDENING[w]) for w in WIDENING if w]
-    assert max(sizes) / min(sizes) < 1.005
-
-
-def test_vgg_gates_every_convolution_but_the_first():
+def test_vgg_gates_every_convolution():
     model = DeepMoEVGG16(num_classes=10)
     x = np.zeros((2, 32, 32, 3), "float32")
     out = model(x)
-    assert len(model.gated_layers) == len(out["gates"]) == 12
+    # A gating head after each of the 13 convolutions: 12 gate the next
+    # convolution's inputs, the last one the classifier's.
+    assert len(model.gated_layers) == len(out["gates"]) == 13
+    assert [g.shape[-1] for g in out["gates"]] == PAPER_TABLE_6[None]
     for gate, layer in zip(out["gates"], model.gated_layers):
         assert gate.shape[-1] == layer.kernel.shape[2]
+    assert model.gated_layers[-1].name == "classifier"
     assert tuple(out["logits"].shape) == (2, 10)
     assert not any(
         isinstance(layer, GatedConv2D)
         for layer in DeepMoEVGG16(num_classes=10, gated=False).layers
     )
+
+
+def test_vgg_zero_last_gate_removes_a_feature_from_the_classifier():
+    model = DeepMoEVGG16(num_classes=10, embedding_layers=2)
+    classifier = model.get_layer("classifier")
+    features = keras.Model(model.input, classifier.input)
+    gates = keras.Model(model.input, model.output["gates"][-1])
+    x = np.random.default_rng(0).random((2, 32, 32, 3)).astype("float32")
+    pooled = to_numpy(features(x))[:, 0, 0]
+    gate = to_numpy(gates(x))
+    gate[:, :256] = 0.0  # as if the head had switched them off
+    kernel = to_numpy(classifier.kernel)[0, 0]
+    bias = to_numpy(classifier.bias)
+    expected = (pooled * gate) @ kernel + bias
+    got = to_numpy(classifier(features(x), gate))[:, 0, 0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_vgg_round_trip(tmp_path):

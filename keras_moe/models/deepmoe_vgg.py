@@ -3,42 +3,51 @@ import keras
 from keras_moe.layers import GatedConv2D
 from keras_moe.layers import ShallowEmbedding
 from keras_moe.layers import SparseGatingHeads
+from keras_moe.models._builder import BATCH_NORM_EPSILON
+from keras_moe.models._builder import BATCH_NORM_MOMENTUM
+from keras_moe.models._builder import BuilderModel
+from keras_moe.models._builder import batch_norm
+from keras_moe.models._builder import check_batch_norm
+from keras_moe.models._builder import check_model_kwargs
 from keras_moe.models.deepmoe_resnet import build_preset
 
 VGG16_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
-# Widths of the 13 convolutions under each widening strategy (DeepMoE
-# supplementary A.2, table 1). W13-All and W1-Mid are read from the table;
-# both have about 24.2 M convolution parameters. The text extraction of the
-# table lost the widened values of W1-High (the top layer) and of layers 3-4
-# of W4-Low: they are set here so that each strategy has the same parameter
-# count as the other two.
+# Widths of the 13 convolutions under each widening strategy: DeepMoE
+# appendix A.2, table 6.
 WIDENING = {
     None: VGG16_WIDTHS,
-    "W1-High": VGG16_WIDTHS[:12] + (2565,),
+    "W1-High": VGG16_WIDTHS[:10] + (1536,) + VGG16_WIDTHS[11:],
     "W1-Mid": VGG16_WIDTHS[:4] + (2990,) + VGG16_WIDTHS[5:],
-    "W4-Low": (512, 512, 614, 614) + VGG16_WIDTHS[4:],
+    "W4-Low": (512, 512, 615, 615) + VGG16_WIDTHS[4:],
     "W13-All": (128, 128, 256, 256, 405, 405, 405) + (615,) * 6,
 }
 POOL_AFTER = (1, 3, 6, 9, 12)
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class DeepMoEVGG16(keras.Model):
+class DeepMoEVGG16(BuilderModel):
     """DeepMoE-VGG16 with batch normalization, a gate after every conv.
 
     The 13 3x3 convolutions of VGG16 (each followed by batch normalization
     and ReLU, with max pooling after convolutions 2, 4, 7, 10 and 13) for
-    CIFAR-size inputs, and a linear classifier. A gate follows every
-    convolution (DeepMoE section 5: "a gating header after each
-    convolutional layer"): convolutions 2-13 are `GatedConv2D` gated on the
-    channels of the previous convolution, 12 gates in all; the last
-    convolution's outputs feed the classifier ungated.
+    CIFAR-size inputs, then global average pooling and a linear classifier.
+    A gate follows every convolution (DeepMoE section 5: "a gating header
+    after each convolutional layer"), 13 gates in all: the gate after
+    convolution `i` selects its output channels, so it gates the inputs of
+    what reads them. Convolutions 2-13 are `GatedConv2D` layers gated on the
+    previous convolution's channels, and the classifier is a 1x1
+    `GatedConv2D` on the pooled `(1, 1, C)` map (a linear layer whose
+    inputs are gated) that reads the 13th gate. A zero gate therefore
+    removes an output channel of every convolution, and `flop_report`
+    counts each convolution at its active inputs times its active outputs.
 
-    `widening` chooses the channel counts of the supplementary table
-    (`"W1-High"`, `"W1-Mid"`, `"W4-Low"`, `"W13-All"`, see `WIDENING`;
-    `None` is the standard VGG16, the "narrow" DeepMoE of the paper's
-    CIFAR-100 experiments). With `gated=False` the same code builds the
-    plain network.
+    `widening` chooses the channel counts of the paper's table 6
+    (`"W1-High"`: convolution 11 widened to 1536; `"W1-Mid"`: convolution
+    5 to 2990; `"W4-Low"`: convolutions 1-4 to 512, 512, 615, 615;
+    `"W13-All"`: every convolution, see `WIDENING`). `None` is the standard
+    VGG16, the "narrow" DeepMoE of the paper's CIFAR-100 experiments. With
+    `gated=False` the same code builds the plain network (the classifier
+    is then an ordinary 1x1 convolution).
 
     The output contract is that of `DeepMoEResNet`: a dict with
     `"logits"`, `"embedding_probs"` and `"gates"` when gated, the logits
@@ -52,22 +61,25 @@ class DeepMoEVGG16(keras.Model):
         embedding_dim: int, defaults to `num_classes`.
         embedding_layers: int, the embedding's stride-2 convolutions.
         embedding_filters: int, the embedding's first width.
+        batch_norm_momentum: float, the momentum of every batch
+            normalization. Defaults to 0.9 (PyTorch's 0.1).
+        batch_norm_epsilon: float. Defaults to 1e-5.
         dtype: optional dtype policy.
-        **kwargs: `keras.Model` keyword arguments.
+        **kwargs: `keras.Model` keyword arguments: `name`, `trainable`.
 
     Example:
 
     ```python
     model = keras_moe.models.DeepMoEVGG16(num_classes=100)
-    len(model.gated_layers)  # 12
+    len(model.gated_layers)  # 13
     [c.filters for c in model.gated_layers][:3]  # [64, 128, 128]
     ```
 
     Reference:
         X. Wang et al., "Deep Mixture of Experts via Shallow Embedding",
-        UAI 2019, section 5.3 and supplementary A.2; K. Simonyan and A.
-        Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
-        Recognition", ICLR 2015.
+        UAI 2019, section 5.3 and appendix A.2 (table 6); K. Simonyan and
+        A. Zisserman, "Very Deep Convolutional Networks for Large-Scale
+        Image Recognition", ICLR 2015.
     """
 
     def __init__(
@@ -79,9 +91,12 @@ class DeepMoEVGG16(keras.Model):
         embedding_dim=None,
         embedding_layers=4,
         embedding_filters=32,
+        batch_norm_momentum=BATCH_NORM_MOMENTUM,
+        batch_norm_epsilon=BATCH_NORM_EPSILON,
         dtype=None,
         **kwargs,
     ):
+        check_model_kwargs(type(self), kwargs)
         input_shape = tuple(input_shape)
         if widening not in WIDENING:
             raise ValueError(
@@ -102,12 +117,13 @@ class DeepMoEVGG16(keras.Model):
                 "`input_shape` must be (height, width, channels) with sides "
                 f"of at least 32. Received: input_shape={input_shape!r}"
             )
+        bn = check_batch_norm(batch_norm_momentum, batch_norm_epsilon)
         widths = WIDENING[widening]
         embedding_dim = embedding_dim or num_classes
 
         # === Layers ===
         images = keras.Input(input_shape, name="images")
-        gates = [None] * (len(widths) - 1)
+        gates = [None] * len(widths)
         outputs = {}
         if gated:
             embedding, class_probs = ShallowEmbedding(
@@ -115,45 +131,40 @@ class DeepMoEVGG16(keras.Model):
                 num_layers=embedding_layers,
                 filters=embedding_filters,
                 num_classes=num_classes,
+                batch_norm_momentum=bn[0],
+                batch_norm_epsilon=bn[1],
                 dtype=dtype,
                 name="embedding",
             )(images)
             gates = SparseGatingHeads(
-                list(widths[:-1]), dtype=dtype, name="gating_heads"
+                list(widths), dtype=dtype, name="gating_heads"
             )(embedding)
             outputs = {"embedding_probs": class_probs, "gates": list(gates)}
 
         # === Functional Model ===
         x = images
+        # The layer after convolution i reads its outputs through gate i.
         for i, width in enumerate(widths):
-            conv_kwargs = dict(
-                padding="same",
-                use_bias=False,
-                kernel_initializer="he_normal",
-                dtype=dtype,
-                name=f"conv{i + 1}",
+            x = _conv(
+                x, width, 3, gates[i - 1] if i else None, dtype, f"conv{i + 1}"
             )
-            # Convolution i + 1 reads the gated outputs of convolution i.
-            if gated and i > 0:
-                x = GatedConv2D(width, 3, **conv_kwargs)(x, gates[i - 1])
-            else:
-                x = keras.layers.Conv2D(width, 3, **conv_kwargs)(x)
-            x = keras.layers.BatchNormalization(dtype=dtype, name=f"bn{i + 1}")(
-                x
-            )
+            x = batch_norm(dtype, *bn, name=f"bn{i + 1}")(x)
             x = keras.layers.ReLU(dtype=dtype, name=f"relu{i + 1}")(x)
             if i in POOL_AFTER:
                 x = keras.layers.MaxPooling2D(
                     2, dtype=dtype, name=f"pool{POOL_AFTER.index(i) + 1}"
                 )(x)
-        x = keras.layers.GlobalAveragePooling2D(dtype=dtype, name="gap")(x)
-        logits = keras.layers.Dense(num_classes, dtype=dtype, name="logits")(x)
-        if gated:
-            super().__init__(
-                inputs=images, outputs={"logits": logits, **outputs}, **kwargs
-            )
-        else:
-            super().__init__(inputs=images, outputs=logits, **kwargs)
+        x = keras.layers.GlobalAveragePooling2D(
+            keepdims=True, dtype=dtype, name="gap"
+        )(x)
+        x = _conv(x, num_classes, 1, gates[-1], dtype, "classifier", True)
+        logits = keras.layers.Flatten(dtype=dtype, name="logits")(x)
+        super().__init__(
+            inputs=images,
+            outputs={"logits": logits, **outputs} if gated else logits,
+            dtype=dtype,
+            **kwargs,
+        )
 
         # === Config ===
         self.num_classes = num_classes
@@ -163,17 +174,19 @@ class DeepMoEVGG16(keras.Model):
         self.embedding_dim = embedding_dim
         self.embedding_layers = embedding_layers
         self.embedding_filters = embedding_filters
-        self.dtype_name = dtype
+        self.batch_norm_momentum, self.batch_norm_epsilon = bn
 
     @property
     def gated_layers(self):
-        """The `GatedConv2D` layers (convolutions 2 to 13)."""
+        """The `GatedConv2D` layers (convolutions 2 to 13, the classifier),
+        in the order of the `"gates"` output."""
         return [
             layer for layer in self.layers if isinstance(layer, GatedConv2D)
         ]
 
     def get_config(self):
         return {
+            **super().get_config(),
             "num_classes": self.num_classes,
             "input_shape": self.image_shape,
             "widening": self.widening,
@@ -181,13 +194,9 @@ class DeepMoEVGG16(keras.Model):
             "embedding_dim": self.embedding_dim,
             "embedding_layers": self.embedding_layers,
             "embedding_filters": self.embedding_filters,
-            "dtype": self.dtype_name,
-            "name": self.name,
+            "batch_norm_momentum": self.batch_norm_momentum,
+            "batch_norm_epsilon": self.batch_norm_epsilon,
         }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
     @classmethod
     def from_preset(cls, preset, **overrides):
@@ -213,3 +222,17 @@ DEEPMOE_VGG_PRESETS = {
         for w in ("W1-High", "W1-Mid", "W4-Low", "W13-All")
     },
 }
+
+
+def _conv(x, filters, kernel_size, gates, dtype, name, classifier=False):
+    kwargs = dict(
+        padding="same",
+        # The classifier is a linear layer: a bias and Keras' Dense init.
+        use_bias=classifier,
+        kernel_initializer="glorot_uniform" if classifier else "he_normal",
+        dtype=dtype,
+        name=name,
+    )
+    if gates is None:
+        return keras.layers.Conv2D(filters, kernel_size, **kwargs)(x)
+    return GatedConv2D(filters, kernel_size, **kwargs)(x, gates)
