@@ -63,6 +63,12 @@ def parse_args(argv=None):
         output_dir="outputs/cifar_deepmoe",
     )
     parser.add_argument(
+        "--depth",
+        type=int,
+        help="override the preset's depth (6n + 2), e.g. 8 for a smaller "
+        "plain ResNet baseline",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="a tiny run on the digits dataset, in seconds",
@@ -89,8 +95,12 @@ def load(args):
 def build(args, info):
     config = dict(DEEPMOE_RESNET_PRESETS[args.model])
     config.update(num_classes=info.num_classes, input_shape=info.image_shape)
+    if args.depth:
+        config["depth"] = args.depth
     if args.smoke:
-        config.update(depth=8, embedding_layers=2, embedding_filters=8)
+        config.update(depth=8)
+        if config.get("gated", True):
+            config.update(embedding_layers=2, embedding_filters=8)
     return DeepMoEResNet(**config)
 
 
