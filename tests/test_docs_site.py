@@ -47,7 +47,7 @@ def test_external_assets_are_found():
     hook = _load("vendored_assets")
     page = """
     <link rel="canonical" href="https://example.org/page/">
-    <link rel="stylesheet" href="https://cdn.example/katex.css">
+    <link rel="stylesheet" href="https://fonts.example/css?family=A:300,400">
     <link rel="preconnect" href="//fonts.example">
     <link rel="stylesheet" href="assets/local.css">
     <script src="https://cdn.example/mermaid.js"></script>
@@ -60,6 +60,7 @@ def test_external_assets_are_found():
     assert len(found) == 5
     assert all("example" in asset for asset in found)
     assert not any("github" in asset or "local" in asset for asset in found)
+    assert "<link href=https://fonts.example/css?family=A:300,400>" in found
     css = "@import 'https://fonts.example/x.css'; a { b: url(fonts/x.woff2) }"
     assert hook.external_assets(css, "css") == ["https://fonts.example/x.css"]
 

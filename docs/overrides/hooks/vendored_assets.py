@@ -233,7 +233,10 @@ class _AssetFinder(html.parser.HTMLParser):
             if rels & _FETCHING_RELS:
                 names = ("href",)
         for name in names:
-            for url in (attrs.get(name) or "").split(","):
+            value = attrs.get(name) or ""
+            # A srcset lists "URL [descriptor]" candidates.
+            urls = value.split(",") if name == "srcset" else [value]
+            for url in urls:
                 url = url.strip().split(" ")[0]
                 if _EXTERNAL.match(url):
                     self.found.append(f"<{tag} {name}={url}>")
