@@ -2,6 +2,7 @@
 
 from keras_moe.models.deepmoe_drn import DEEPMOE_DRN_PRESETS
 from keras_moe.models.deepmoe_drn import DeepMoEDRN
+from keras_moe.models.deepmoe_outputs import deepmoe_outputs
 from keras_moe.models.deepmoe_resnet import DEEPMOE_RESNET_PRESETS
 from keras_moe.models.deepmoe_resnet import DeepMoEResNet
 from keras_moe.models.deepmoe_vgg import DEEPMOE_VGG_PRESETS
@@ -21,6 +22,7 @@ __all__ = [
     "DeepMoEDRN",
     "DeepMoEResNet",
     "DeepMoEVGG16",
+    "deepmoe_outputs",
     "WIDENING",
     "sparse_predict",
     "SparsePredictor",
