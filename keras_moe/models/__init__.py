@@ -8,8 +8,9 @@ from keras_moe.models.deepmoe_resnet import DeepMoEResNet
 from keras_moe.models.deepmoe_vgg import DEEPMOE_VGG_PRESETS
 from keras_moe.models.deepmoe_vgg import WIDENING
 from keras_moe.models.deepmoe_vgg import DeepMoEVGG16
-from keras_moe.models.sparse_inference import SparsePredictor
-from keras_moe.models.sparse_inference import sparse_predict
+from keras_moe.models.sparse import SparsePredictor
+from keras_moe.models.sparse import prune_inactive_channels
+from keras_moe.models.sparse import sparse_predict
 from keras_moe.models.two_layer_pmoe import TwoLayerCNN
 from keras_moe.models.two_layer_pmoe import TwoLayerPMoE
 from keras_moe.models.wrn import WRN_PRESETS
@@ -24,6 +25,7 @@ __all__ = [
     "DeepMoEVGG16",
     "deepmoe_outputs",
     "WIDENING",
+    "prune_inactive_channels",
     "sparse_predict",
     "SparsePredictor",
     "TwoLayerCNN",
