@@ -1,5 +1,7 @@
 """Model builders and model-level utilities."""
 
+from keras_moe.models.convert import default_gated_layers
+from keras_moe.models.convert import to_deepmoe
 from keras_moe.models.deepmoe_drn import DEEPMOE_DRN_PRESETS
 from keras_moe.models.deepmoe_drn import DeepMoEDRN
 from keras_moe.models.deepmoe_outputs import deepmoe_outputs
@@ -24,6 +26,8 @@ __all__ = [
     "DeepMoEResNet",
     "DeepMoEVGG16",
     "deepmoe_outputs",
+    "default_gated_layers",
+    "to_deepmoe",
     "WIDENING",
     "prune_inactive_channels",
     "sparse_predict",
