@@ -225,7 +225,7 @@ def gate_report(
     class_names=None,
     flops_network=None,
 ):
-    """FLOPs under the measured gates, gate statistics and their figures.
+    """Multiply-adds under the measured gates, gate statistics and their figures.
 
     Saves `gate_density.png`, and with labels `class_gates.png` (the mean
     gate of the last gated layer's channels for every class).

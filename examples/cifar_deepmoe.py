@@ -12,7 +12,7 @@ gating frozen and lambda = mu = 0), baselines with plain `fit` for the same
 number of epochs and the same learning-rate schedule. Checkpoints go to the
 output directory after every epoch; running the same command again resumes.
 
-The final report gives the test accuracy, dense and effective FLOPs, gate
+The final report gives the test accuracy, dense and effective multiply-adds, gate
 density per layer and time per epoch, and saves `results.json`,
 `curves.png`, `gate_density.png` and `class_gates.png` (mean gate of the
 last gated layer's channels for every class) in the output directory.
@@ -109,17 +109,20 @@ def main(argv=None):
     _common.check_preset(args.model, DEEPMOE_RESNET_PRESETS)
     if args.smoke:
         args.dataset, args.batch_size = "digits", 32
-        args.joint_epochs, args.finetune_epochs = 1, 1
-        args.max_train_examples = args.max_train_examples or 256
-        args.max_test_examples = args.max_test_examples or 128
-        args.lr_boundaries = [1]
+        args.joint_epochs, args.finetune_epochs = 3, 1
+        args.max_train_examples = args.max_train_examples or 512
+        args.max_test_examples = args.max_test_examples or 256
+        args.lr_boundaries = [3]
     keras.utils.set_random_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     train, test, info = load(args)
     network = build(args, info)
     gated = DEEPMOE_RESNET_PRESETS[args.model].get("gated", True)
+    described = args.model + (
+        f" at depth {network.depth}" if args.smoke or args.depth else ""
+    )
     print(
-        f"{args.model} on {info.name} ({info.num_train} training, "
+        f"{described} on {info.name} ({info.num_train} training, "
         f"{info.num_test} test images), backend {keras.backend.backend()}"
     )
     model, history = _common.train(

@@ -124,7 +124,7 @@ def configure_devices(args, backend):
 
 # === Models ===
 # Each entry builds a small model under the global dtype policy; a gated
-# DeepMoE network (dict outputs) is trained through DeepMoETrainer, any
+# DeepMoE network (one with GatedConv2D layers) is trained through DeepMoETrainer, any
 # other model on the cross entropy.
 
 
@@ -183,6 +183,7 @@ def quadrant_data(n, seed):
 def build_and_compile(args, name):
     import keras
 
+    from keras_moe.layers import GatedConv2D
     from keras_moe.training import DeepMoETrainer
 
     keras.utils.set_random_seed(args.seed)
@@ -198,9 +199,10 @@ def build_and_compile(args, name):
         optimizer = keras.optimizers.Adam(
             args.learning_rate, gradient_accumulation_steps=accumulation
         )
-    if args.gates_off > 0 and isinstance(network.output, dict):
+    gated = any(isinstance(layer, GatedConv2D) for layer in network.layers)
+    if args.gates_off > 0 and gated:
         _switch_off_gates(network, args.gates_off)
-    if isinstance(network.output, dict):
+    if gated:
         model = DeepMoETrainer(network, lambda_gate=args.lambda_gate)
         model.compile(optimizer=optimizer, metrics=["accuracy"])
     else:

@@ -35,6 +35,15 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 
+# End-to-end tests run whole example scripts or several processes, and take
+# tens of seconds each. A run of the suite gives each of them to one backend,
+# in turn in the order of collection, so that running the suite on jax,
+# tensorflow and torch runs every one once; `--all-backends` runs them on
+# every backend. Tests already limited to some backends keep their limits.
+END_TO_END_MODULES = ("test_examples.py", "test_distributed.py")
+BACKENDS = ("jax", "tensorflow", "torch")
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--run-large",
@@ -42,15 +51,38 @@ def pytest_addoption(parser):
         default=False,
         help="also run the tests marked `large`",
     )
+    parser.addoption(
+        "--all-backends",
+        action="store_true",
+        default=False,
+        help="run every end-to-end test (example scripts, several "
+        "processes) on this backend, not only those given to it",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-large"):
-        return
+    backend = os.environ["KERAS_BACKEND"]
+    all_backends = config.getoption("--all-backends")
     skip_large = pytest.mark.skip(reason="large test: pass --run-large")
+    shared = 0
     for item in items:
-        if "large" in item.keywords:
+        if "large" in item.keywords and not config.getoption("--run-large"):
             item.add_marker(skip_large)
+        module = os.path.basename(str(item.fspath))
+        if (
+            module in END_TO_END_MODULES
+            and not all_backends
+            and item.get_closest_marker("skipif") is None
+        ):
+            owner = BACKENDS[shared % len(BACKENDS)]
+            shared += 1
+            if owner != backend:
+                item.add_marker(
+                    pytest.mark.skip(
+                        reason=f"end-to-end test run on {owner} "
+                        "(pass --all-backends to run it here)"
+                    )
+                )
 
 
 def pytest_report_header(config):

@@ -109,7 +109,7 @@ def test_examples_have_a_cli():
 def test_cifar_deepmoe_smoke_and_resume(tmp_path, model):
     args = ["--smoke", "--model", model, "--output-dir", str(tmp_path)]
     out = run_example("cifar_deepmoe.py", *args)
-    assert "test accuracy" in out and "FLOPs per image" in out
+    assert "test accuracy" in out and "multiply-adds per image" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
     assert 0.0 <= results["test_accuracy"] <= 1.0
@@ -146,7 +146,7 @@ def test_imagenet_deepmoe_smoke(tmp_path):
     out = run_example(
         "imagenet_deepmoe.py", "--smoke", "--output-dir", str(tmp_path)
     )
-    assert "top-5 accuracy" in out and "FLOPs per image" in out
+    assert "top-5 accuracy" in out and "multiply-adds per image" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
     assert 0.0 <= results["top1_accuracy"] <= results["top5_accuracy"] <= 1.0
@@ -164,7 +164,7 @@ def test_cityscapes_deepmoe_drn_smoke(tmp_path):
     out = run_example(
         "cityscapes_deepmoe_drn.py", "--smoke", "--output-dir", str(tmp_path)
     )
-    assert "mean IoU" in out and "FLOPs per image" in out
+    assert "mean IoU" in out and "multiply-adds per image" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
     assert results["history"]["phase"] == [1, 2]

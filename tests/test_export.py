@@ -119,7 +119,7 @@ def test_exported_artifact_gives_the_model_outputs(tmp_path, build, shape):
         if isinstance(expected, dict) and BACKEND != "torch":
             expected = flat_dict(expected)
         assert_same_outputs(actual, expected)
-    if "indices" in expected:
+    if isinstance(expected, dict) and "indices" in expected:
         # Not every expert picks the same patches: the routing is live.
         indices = to_numpy(expected["indices"])
         assert len({tuple(i.ravel()) for i in indices}) > 1

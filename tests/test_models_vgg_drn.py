@@ -91,7 +91,7 @@ def test_vgg_gates_every_convolution():
 def test_vgg_zero_last_gate_removes_a_feature_from_the_classifier():
     model = DeepMoEVGG16(num_classes=10, embedding_layers=2)
     classifier = model.get_layer("classifier")
-    features = keras.Model(model.input, classifier.input)
+    features = keras.Model(model.input, classifier.input[0])
     gates = keras.Model(model.input, classifier.input[1])
     x = np.random.default_rng(0).random((2, 32, 32, 3)).astype("float32")
     pooled = to_numpy(features(x))[:, 0, 0]

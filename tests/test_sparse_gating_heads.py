@@ -52,9 +52,21 @@ def test_sparsity_loss():
     np.testing.assert_allclose(
         ops.convert_to_numpy(gate_l1(gates)), expected, rtol=1e-6
     )
+    # The default reduction divides eq. 8 by the number of gates, 3 + 5.
+    mean = expected / 8
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(gate_l1(gates, reduction="mean")), mean, rtol=1e-6
+    )
     assert len(heads.losses) == 1
     np.testing.assert_allclose(
-        ops.convert_to_numpy(heads.losses[0]), 0.25 * expected, rtol=1e-6
+        ops.convert_to_numpy(heads.losses[0]), 0.25 * mean, rtol=1e-6
+    )
+    summed = SparseGatingHeads([3, 5], lambda_gate=0.25, gate_reduction="sum")
+    summed.build(e.shape)
+    summed.set_weights(heads.get_weights())
+    summed(e)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(summed.losses[0]), 0.25 * expected, rtol=1e-6
     )
     assert SparseGatingHeads([3]).losses == []
 

@@ -40,7 +40,13 @@ def gate_function(model):
     """
     from keras_moe.models import deepmoe_outputs
 
-    outputs = deepmoe_outputs(model)
+    try:
+        outputs = deepmoe_outputs(model)
+    except ValueError as error:
+        raise ValueError(
+            f"{error} Pass `gate_fn`, a function from a batch of inputs to "
+            "the list of gates, to analyse another kind of model."
+        ) from None
     return lambda x: outputs(x, training=False)["gates"]
 
 
