@@ -281,6 +281,63 @@ def test_compiles_under_xla():
     np.testing.assert_allclose(to_numpy(compiled), eager, atol=1e-5)
 
 
+def test_ties_go_to_the_lower_patch_index():
+    # Integer maps and routers: routing values are exact integers, with
+    # ties, on every backend.
+    values = np.array(
+        [[3, 5, 5, 1, 5, 2, 5, 0, 3], [4, 4, 4, 4, 4, 4, 4, 4, 4]], "float32"
+    )
+    x = np.stack([values, -values], axis=-1).reshape(2, 3, 3, 2)
+    layer = PatchExpertChoiceMoE(
+        num_experts=3,
+        patches_per_expert=4,
+        patch_size=1,
+        expert_filters=2,
+        expert_kernel_size=1,
+        gating="softmax_all",
+    )
+    layer.build(x.shape)
+    # Expert 0 scores the values, expert 1 their negatives (1x1 patches of
+    # 2 channels: (value, -value)), expert 2 scores every patch 0.
+    layer.router.assign(np.array([[1, -1, 0], [0, 0, 0]], "float32"))
+    routing = layer.route(x)
+    scores = ops.convert_to_numpy(routing["routing_values"])
+    expected = np.argsort(-scores.transpose(0, 2, 1), kind="stable")[..., :4]
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(routing["indices"]), expected
+    )
+    np.testing.assert_array_equal(
+        expected[0], [[1, 2, 4, 6], [7, 3, 5, 0], [0, 1, 2, 3]]
+    )
+    # Equal values, equal gates; the outputs follow the same patches.
+    gates = ops.convert_to_numpy(routing["gates"])
+    np.testing.assert_allclose(gates[1], np.full((3, 4), 1 / 9), rtol=1e-6)
+    outputs = ops.convert_to_numpy(layer(x))
+    zero = np.all(outputs.reshape(2, 9, 3, 2) == 0, axis=-1)
+    # Expert 2 (all scores equal) fills patches 0-3 of both maps.
+    np.testing.assert_array_equal(zero[:, :, 2], [np.arange(9) >= 4] * 2)
+
+
+@pytest.mark.parametrize(
+    "shape, received",
+    [
+        ((2, 16, 16, 3), "height 16, width 16 and 3 channels"),
+        ((2, 8, 8, 5), "height 8, width 8 and 5 channels"),
+    ],
+)
+def test_inputs_of_another_size_than_built_are_rejected(shape, received):
+    layer = PatchExpertChoiceMoE(2, 2, 4, expert_filters=4)
+    layer(random_map(batch=2, height=8, width=8, channels=3))
+    built = "built for inputs of height 8, width 8 and 3 channels"
+    x = np.zeros(shape, "float32")
+    for run in (layer, layer.route):
+        with pytest.raises(ValueError, match=built) as error:
+            run(x)
+        assert received in str(error.value)
+    with pytest.raises(ValueError, match=received):
+        layer(keras.Input(shape[1:]))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

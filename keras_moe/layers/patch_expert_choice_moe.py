@@ -1,4 +1,5 @@
 import keras
+import numpy as np
 from keras import ops
 
 from keras_moe.layers._validation import check_choice
@@ -18,12 +19,14 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
     The feature map is cut into `n` non-overlapping patches `x^(j)` of size
     `patch_size`. Each of the `num_experts` experts (`k`) has a router
     `w_s` without bias that scores every patch, `r_{s,j} = <w_s, x^(j)>`,
-    and picks its top `patches_per_expert` (`l`) patches `J_s(x)`. Only those
-    patches are gathered, run through the expert, scaled by their gating
-    value `G_{j,s}` and scattered back to their place; every position that
-    an expert did not select is zero in that expert's output. The work done
-    by the experts is therefore `k * l / n` of running every expert on the
-    whole map.
+    and picks its top `patches_per_expert` (`l`) patches `J_s(x)`. Equal
+    routing values are ranked by patch index, lower first, on every
+    backend, so that the same weights select the same patches everywhere.
+    Only those patches are gathered, run through the expert, scaled by
+    their gating value `G_{j,s}` and scattered back to their place; every
+    position that an expert did not select is zero in that expert's
+    output. The work done by the experts is therefore `k * l / n` of
+    running every expert on the whole map.
 
     Gating values:
 
@@ -73,7 +76,8 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
         **kwargs: base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
-        inputs: 4D feature map.
+        inputs: 4D feature map of the height, width and channels the layer
+            was built for.
         return_routing: bool. When `True`, the call returns
             `(outputs, routing)` where `routing` is the dict returned by
             `route()`.
@@ -184,6 +188,7 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
                 f"patch_size={self.patch_size} for a {height}x{width} map "
                 f"(inputs_shape={tuple(inputs_shape)})"
             )
+        self.map_shape = (height, width, channels)
         self.grid_shape = (height // patch_h, width // patch_w)
         self.num_patches = self.grid_shape[0] * self.grid_shape[1]
         if self.patches_per_expert > self.num_patches:
@@ -244,6 +249,23 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
             return shape[1], shape[2], shape[3]
         return shape[2], shape[3], shape[1]
 
+    def _check_inputs_shape(self, inputs_shape):
+        """A built layer takes the height, width and channels it was built
+        for: its routers, patch grid and experts depend on them."""
+        check_rank(self, "inputs", inputs_shape, 4)
+        received = tuple(self._spatial_shape(inputs_shape))
+        if any(
+            r is not None and r != e for r, e in zip(received, self.map_shape)
+        ):
+            height, width, channels = self.map_shape
+            raise ValueError(
+                f"Layer {self.name!r} was built for inputs of height "
+                f"{height}, width {width} and {channels} channels; it "
+                f"received height {received[0]}, width {received[1]} and "
+                f"{received[2]} channels. Build a new layer for another "
+                f"input size. Received: inputs_shape={tuple(inputs_shape)}"
+            )
+
     @property
     def output_channels(self):
         """Channels of the output: `k * expert_channels` or
@@ -276,7 +298,15 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
             ops.cast(self.router, "float32"),
         )
         scores = ops.transpose(routing_values, (0, 2, 1))
-        selected, indices = ops.top_k(scores, self.patches_per_expert)
+        selection = self._select(scores)
+        indices = ops.cast(
+            ops.argmax(ops.cast(selection, "int32"), axis=-1), "int32"
+        )
+        # The routing values of the selected patches, rank by rank; a
+        # masked sum, so that their gradient reaches the selected patch.
+        selected = ops.sum(
+            ops.where(selection, scores[:, :, None, :], 0.0), axis=-1
+        )
         if self.gating == "hard" or (
             self.gating == "softmax" and self.patches_per_expert == 1
         ):
@@ -285,9 +315,6 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
         elif self.gating == "softmax":
             gates = ops.softmax(selected, axis=-1)
         else:
-            # The softmax over all n values, at the selected ones: `selected`
-            # holds those values already, so no gather is needed (one would
-            # fix the batch size when torch exports the layer).
             gates = ops.exp(
                 selected - ops.logsumexp(scores, axis=-1, keepdims=True)
             )
@@ -296,6 +323,26 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
             "gates": gates,
             "routing_values": routing_values,
         }
+
+    def _select(self, scores):
+        """Each expert's top `l` patches, equal values ranked by patch
+        index.
+
+        `top_k` gives the same values on every backend, but breaks ties
+        between patches differently (torch's kernel differs). Here rank `r`
+        holding value `v`, the `m`-th rank with that value, takes the
+        `m`-th patch (in index order) whose routing value is `v`.
+        """
+        per_expert = self.patches_per_expert
+        values, _ = ops.top_k(scores, per_expert)
+        ties = ops.equal(scores[:, :, None, :], values[:, :, :, None])
+        seen = ops.cumsum(ops.cast(ties, "int32"), axis=-1)
+        earlier = np.tril(np.ones((per_expert, per_expert), "bool"))
+        same_value = ops.logical_and(
+            ops.equal(values[:, :, :, None], values[:, :, None, :]), earlier
+        )
+        occurrence = ops.sum(ops.cast(same_value, "int32"), axis=-1)
+        return ops.logical_and(ties, ops.equal(seen, occurrence[..., None]))
 
     def route(self, inputs):
         """Computes the routing decision for `inputs`.
@@ -307,15 +354,18 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
             A dict with `"indices"`, int32 `(batch, num_experts,
             patches_per_expert)`: the patches `J_s(x)` each expert selected,
             numbered row-major over the patch grid, highest routing value
-            first; `"gates"`, float32 of the same shape: their gating values
-            `G_{j,s}`; and `"routing_values"`, float32 `(batch, num_patches,
+            first (equal values: lower patch index first); `"gates"`,
+            float32 of the same shape: their gating values `G_{j,s}`; and
+            `"routing_values"`, float32 `(batch, num_patches,
             num_experts)`: `r_{s,j} = <w_s, x^(j)>` for every patch.
         """
         if not self.built:
             self.build(tuple(inputs.shape))
+        self._check_inputs_shape(tuple(inputs.shape))
         return self._route(self._patches(inputs))
 
     def call(self, inputs, return_routing=False):
+        self._check_inputs_shape(tuple(inputs.shape))
         patches = self._patches(inputs)
         routing = self._route(patches)
         indices = routing["indices"]
@@ -411,6 +461,7 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
     def compute_output_shape(self, inputs_shape):
         if not self.built:
             self.build(inputs_shape)
+        self._check_inputs_shape(inputs_shape)
         shape = list(inputs_shape)
         channel_axis = -1 if self.data_format == "channels_last" else 1
         shape[channel_axis] = self.output_channels
