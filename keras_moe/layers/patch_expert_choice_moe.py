@@ -387,7 +387,7 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
         top, bottom, left, right = halo
         height, width, _ = self.map_shape
         patch_h, patch_w = self.patch_size
-        grid_h, grid_w = self.grid_shape
+        grid_w = self.grid_shape[1]
         window_h, window_w = patch_h + top + bottom, patch_w + left + right
         padded_w = width + left + right
         rows = np.arange(window_h)
