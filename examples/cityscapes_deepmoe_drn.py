@@ -42,6 +42,7 @@ from keras_moe import analysis
 from keras_moe import data
 from keras_moe.models import DEEPMOE_DRN_PRESETS
 from keras_moe.models import DeepMoEDRN
+from keras_moe.models import deepmoe_outputs
 
 IGNORE = data.CITYSCAPES_IGNORE_LABEL
 CITYSCAPES_CLASSES = [
@@ -240,6 +241,8 @@ def evaluate(network, dataset, num_classes, gated):
     metric = mean_iou_metric(num_classes)
     correct = labelled = 0
     gates = []
+    if gated:
+        network = deepmoe_outputs(network)
     for x, y in dataset.as_numpy_iterator():
         outputs = network.predict_on_batch(x)
         logits = outputs["logits"] if gated else outputs

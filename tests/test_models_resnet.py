@@ -6,6 +6,7 @@ from keras_moe.layers import GatedConv2D
 from keras_moe.layers import ShallowEmbedding
 from keras_moe.models import DEEPMOE_RESNET_PRESETS
 from keras_moe.models import DeepMoEResNet
+from keras_moe.models import deepmoe_outputs
 from tests.testing import to_numpy
 
 
@@ -23,9 +24,10 @@ def tiny(**kwargs):
 def test_output_contract():
     model = tiny()
     x = np.random.default_rng(0).random((2, 16, 16, 3)).astype("float32")
-    out = model(x)
+    assert tuple(model(x).shape) == (2, 3)  # logits, like any classifier
+    out = deepmoe_outputs(model)(x)
     assert set(out) == {"logits", "embedding_probs", "gates"}
-    assert tuple(out["logits"].shape) == (2, 3)
+    np.testing.assert_array_equal(to_numpy(out["logits"]), to_numpy(model(x)))
     assert tuple(out["embedding_probs"].shape) == (2, 3)
     np.testing.assert_allclose(
         to_numpy(out["embedding_probs"]).sum(-1), 1.0, atol=1e-5
@@ -86,6 +88,71 @@ def test_bottlenecks():
     assert b.gated_layers[0].kernel_size == (1, 1)
 
 
+def test_wide_bottleneck_b_is_6_percent_smaller_than_resnet101():
+    # DeepMoE section 5.1: wide DeepMoE-ResNet-50 with bottleneck B has
+    # "6% less parameters ... than the standard ResNet-101" (44.55 M).
+    model = DeepMoEResNet.from_preset("wide_deepmoe_resnet50b_imagenet")
+    gating = sum(
+        model.get_layer(name).count_params()
+        for name in ("embedding", "gating_heads")
+    )
+    assert (model.count_params() - gating) / 44.55e6 == pytest.approx(
+        0.94, abs=0.005
+    )
+
+
+@pytest.mark.parametrize(
+    "preset, base_macs",
+    [
+        ("wide_deepmoe_resnet18_imagenet", 1.8e9),
+        ("wide_deepmoe_resnet34_imagenet", 3.6e9),
+        ("wide_deepmoe_resnet50a_imagenet", 3.8e9),
+    ],
+)
+def test_imagenet_embedding_costs_about_2_percent(preset, base_macs):
+    from keras_moe.analysis import flop_report
+
+    report = flop_report(DeepMoEResNet.from_preset(preset))
+    gating = sum(
+        r["dense_macs"]
+        for r in report.layers
+        if r["name"] in ("embedding", "gating_heads")
+    )
+    # The paper: "roughly 2% of the computation of the base models" (the
+    # standard ResNets' multiply-adds, as He et al. publish them).
+    assert 0.01 < gating / base_macs < 0.03
+
+
+def test_unknown_keyword_raises():
+    with pytest.raises(TypeError, match="num_clases"):
+        DeepMoEResNet(8, num_clases=100)
+    with pytest.raises(TypeError, match="embeding_dim"):
+        DeepMoEResNet.from_preset(
+            "wide_deepmoe_resnet20_cifar10", embeding_dim=4
+        )
+
+
+def test_dtype_policy_and_trainable_survive_config_and_saving(tmp_path):
+    model = tiny(dtype="mixed_float16", trainable=False)
+    assert model.dtype_policy.name == "mixed_float16"
+    assert model.get_layer("block1_conv2").compute_dtype == "float16"
+    config = model.get_config()
+    revived = DeepMoEResNet.from_config(config)
+    assert not revived.trainable
+    assert revived.dtype_policy.name == "mixed_float16"
+    policy = keras.DTypePolicy("mixed_bfloat16")
+    other = tiny(dtype=policy)
+    json_config = keras.saving.serialize_keras_object(other)
+    import json
+
+    json.dumps(json_config)  # the policy object serializes
+    path = str(tmp_path / "frozen.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert not loaded.trainable
+    assert loaded.dtype_policy.name == "mixed_float16"
+
+
 def test_config_round_trip_and_saving(tmp_path):
     model = tiny()
     x = np.random.default_rng(1).random((2, 16, 16, 3)).astype("float32")
@@ -94,7 +161,8 @@ def test_config_round_trip_and_saving(tmp_path):
     path = str(tmp_path / "model.keras")
     model.save(path)
     loaded = keras.saving.load_model(path)
-    expected, actual = to_numpy(model(x)), to_numpy(loaded(x))
+    expected = to_numpy(deepmoe_outputs(model)(x))
+    actual = to_numpy(deepmoe_outputs(loaded)(x))
     np.testing.assert_allclose(actual["logits"], expected["logits"], atol=1e-5)
     for a, b in zip(actual["gates"], expected["gates"]):
         np.testing.assert_allclose(a, b, atol=1e-5)

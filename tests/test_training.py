@@ -4,8 +4,10 @@ import keras
 import numpy as np
 import pytest
 
+import keras_moe
 from keras_moe.analysis import RoutingCollapseWarning
 from keras_moe.models import DeepMoEResNet
+from keras_moe.models import deepmoe_outputs
 from keras_moe.training import DeepMoETrainer
 from keras_moe.training import paper_schedule
 from keras_moe.training import train_two_phase
@@ -50,7 +52,7 @@ def test_loss_terms_and_logs():
     trainer.compile(optimizer="sgd", metrics=["accuracy"])
     x, y = quadrant_data(16)
     logs = trainer.evaluate(x, y, return_dict=True, verbose=0)
-    out = to_numpy(network(x))
+    out = to_numpy(deepmoe_outputs(network)(x))
     base = np.mean(
         to_numpy(
             keras.losses.sparse_categorical_crossentropy(
@@ -81,7 +83,7 @@ def test_sum_reduction_is_equation_8():
     trainer.compile(optimizer="sgd")
     x, y = quadrant_data(8)
     logs = trainer.evaluate(x, y, return_dict=True, verbose=0)
-    gates = to_numpy(network(x))["gates"]
+    gates = to_numpy(deepmoe_outputs(network)(x))["gates"]
     l1 = sum(np.abs(g).sum(-1).mean() for g in gates)
     assert logs["gate_loss"] == pytest.approx(l1, rel=1e-5)
     assert logs["loss"] == pytest.approx(
@@ -118,7 +120,11 @@ def test_chained_gates_thin_the_flops_ratio_per_example():
     from tests.test_flops import chain_model
 
     network = chain_model()
-    heads = network.get_layer(network.output["gates"][0]._keras_history[0].name)
+    heads = [
+        layer
+        for layer in network.layers
+        if isinstance(layer, keras_moe.layers.SparseGatingHeads)
+    ][0]
     # Gate A keeps everything; gate B keeps channel 1 for every example.
     heads.heads[0].kernel.assign(np.ones((4, 4), "float32"))
     kernel_b = -np.ones((4, 4), "float32")
@@ -312,6 +318,7 @@ def test_saving_the_trainer(tmp_path):
         to_numpy(trainer(x)["logits"]),
         atol=1e-5,
     )
+    assert loaded.gate_reduction == "mean"
 
 
 @pytest.mark.parametrize(
@@ -391,3 +398,69 @@ def test_mirrored_strategy_averages_the_replicas_gradients():
     # logged loss.
     np.testing.assert_allclose(out["two"][0], out["one"][0], rtol=1e-4)
     assert out["two"][1] == pytest.approx(out["one"][1], rel=1e-4)
+
+
+def test_sample_weight_weighs_the_base_and_embedding_losses():
+    network = tiny_network()
+    trainer = DeepMoETrainer(network, lambda_gate=0.0, mu=1.0)
+    trainer.compile(optimizer="sgd")
+    x, y = quadrant_data(8)
+    weights = np.array([1, 0, 1, 0, 2, 0, 1, 0], "float32")
+    logs = trainer.evaluate(
+        x, y, sample_weight=weights, batch_size=8, return_dict=True, verbose=0
+    )
+    out = to_numpy(deepmoe_outputs(network)(x))
+    logits = out["logits"] - out["logits"].max(-1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    base = -log_probs[np.arange(8), y]
+    embedding = -np.log(out["embedding_probs"][np.arange(8), y])
+    # Keras' reduction: the weighted sum over the number of examples.
+    assert logs["base_loss"] == pytest.approx(np.sum(weights * base) / 8, 1e-4)
+    assert logs["embedding_loss"] == pytest.approx(
+        np.sum(weights * embedding) / 8, 1e-4
+    )
+    unweighted = trainer.evaluate(x, y, return_dict=True, verbose=0)
+    assert unweighted["base_loss"] == pytest.approx(np.mean(base), 1e-4)
+    # class_weight goes through the same path during fit.
+    history = trainer.fit(
+        x, y, class_weight={0: 1.0, 1: 0.0, 2: 0.0, 3: 0.0}, verbose=0
+    ).history
+    assert np.isfinite(history["loss"][0])
+
+
+def test_a_network_without_gates_is_refused_at_construction():
+    plain = DeepMoEResNet(
+        8, num_classes=4, input_shape=(16, 16, 3), gated=False
+    )
+    with pytest.raises(ValueError, match="no gates"):
+        DeepMoETrainer(plain)
+
+
+def test_mu_needs_class_probabilities():
+    from tests.test_flops import chain_model
+
+    with pytest.raises(ValueError, match="mu=1.0"):
+        DeepMoETrainer(chain_model(), mu=1.0)
+
+
+def test_functional_model_from_the_layers_trains():
+    # A functional DeepMoE network returning only its logits: the trainer
+    # finds the gates and the embedding's class probabilities in the graph.
+    from keras_moe.layers import GatedConv2D
+    from keras_moe.layers import ShallowEmbedding
+    from keras_moe.layers import SparseGatingHeads
+
+    inputs = keras.Input((16, 16, 3))
+    e, _ = ShallowEmbedding(4, num_layers=2, filters=4, num_classes=4)(inputs)
+    g1, g2 = SparseGatingHeads([8, 8])(e)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = GatedConv2D(8, 3, padding="same", activation="relu")(x, g1)
+    x = GatedConv2D(8, 3, padding="same", activation="relu")(x, g2)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(4)(x))
+    trainer = DeepMoETrainer(model, lambda_gate=1.0)
+    trainer.compile(optimizer="adam", metrics=["accuracy"])
+    x, y = quadrant_data(32)
+    history = trainer.fit(x, y, epochs=2, batch_size=16, verbose=0).history
+    assert history["gate_loss"][0] > 0 and history["embedding_loss"][0] > 0
+    assert history["loss"][-1] < history["loss"][0]

@@ -32,7 +32,8 @@ class RoutingMonitor(keras.callbacks.Callback):
     `keras.callbacks.TensorBoard` (place the monitor before TensorBoard in
     the callback list):
 
-    - DeepMoE gates (a model returning a dict with `"gates"`, or `gate_fn`):
+    - DeepMoE gates (of the `GatedConv2D` layers of the model, or of the
+      network of a `DeepMoETrainer`; or given by `gate_fn`):
       `routing/gate_density` and, per gated layer,
       `routing/gate_density/<layer>` and `routing/dead_channels/<layer>`.
     - `MixtureOfExperts` layers: `routing/<layer>/expert_<i>_load`, each
@@ -56,7 +57,8 @@ class RoutingMonitor(keras.callbacks.Callback):
         data: inputs, an `(x, y)` tuple of arrays or a dataset of batches;
             keep it small (a few hundred examples).
         gate_fn: optional function from a batch of inputs to the list of
-            gate tensors, for models that do not return a `"gates"` entry.
+            gate tensors, for gates that are not inputs of `GatedConv2D`
+            layers.
         every_n_epochs: int, how often to compute the statistics.
         collapse_threshold: float in (0, 1].
         expert_collapse_threshold: float in (0, 1].
@@ -127,11 +129,10 @@ class RoutingMonitor(keras.callbacks.Callback):
     def _gate_scalars(self, problems):
         gate_fn = self.gate_fn
         if gate_fn is None:
-            probe = self.model(
-                next(routing._batches(self.data, 2))[0], training=False
-            )
-            if not (isinstance(probe, dict) and "gates" in probe):
-                return {}
+            try:
+                gate_fn = routing.gate_function(self.model)
+            except ValueError:
+                return {}  # no DeepMoE gates in this model
         gates, _ = routing.collect_gates(
             self.model,
             self.data,

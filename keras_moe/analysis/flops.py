@@ -332,8 +332,8 @@ def flop_report(model, gates=None, data=None, gate_fn=None, max_batches=None):
         gates: optional list of `(num_examples, C_l)` gate arrays, one per
             `GatedConv2D` in the order of `model.layers`.
         data: optional data to measure the gates on instead (inputs, an
-            `(x, y)` tuple or a dataset), for a model that returns a dict
-            with `"gates"` or with `gate_fn`.
+            `(x, y)` tuple or a dataset); the gates are read from the
+            model's graph, or computed by `gate_fn`.
         gate_fn: see `keras_moe.analysis.collect_gates`.
         max_batches: optional limit on the batches of `data` used.
 

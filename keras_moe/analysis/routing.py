@@ -31,25 +31,27 @@ def _batches(data, batch_size):
             yield batch, None
 
 
-def _network_gates(model, x):
-    outputs = model(x, training=False)
-    if isinstance(outputs, dict) and "gates" in outputs:
-        return outputs["gates"]
-    raise ValueError(
-        "The model's outputs have no 'gates' entry (DeepMoE networks of "
-        "keras_moe.models return a dict with one). Pass `gate_fn`, a "
-        "function from a batch of inputs to the list of gate tensors. "
-        f"Received outputs of type {type(outputs).__name__}."
-    )
+def gate_function(model):
+    """A function from a batch of inputs to the gates of a DeepMoE model.
+
+    The gates are read from the model's graph (see
+    `keras_moe.models.deepmoe_outputs`); raises a `ValueError` for a
+    model without gates.
+    """
+    from keras_moe.models import deepmoe_outputs
+
+    outputs = deepmoe_outputs(model)
+    return lambda x: outputs(x, training=False)["gates"]
 
 
 def collect_gates(model, data, gate_fn=None, batch_size=128, max_batches=None):
     """Runs a gated network on data and gathers every layer's gates.
 
     Args:
-        model: a model whose call returns a dict with a `"gates"` list (the
-            DeepMoE networks of `keras_moe.models`), or anything when
-            `gate_fn` is given.
+        model: a DeepMoE network: any functional model with `GatedConv2D`
+            layers (the gates are read from its graph, see
+            `keras_moe.models.deepmoe_outputs`), a `DeepMoETrainer`, or
+            anything when `gate_fn` is given.
         data: an array of inputs, an `(x, y)` tuple of arrays, or an
             iterable of `(x, y)` batches such as a `tf.data.Dataset`.
         gate_fn: optional function from a batch of inputs to the list of
@@ -61,7 +63,7 @@ def collect_gates(model, data, gate_fn=None, batch_size=128, max_batches=None):
         `(gates, labels)`: a list with one `(num_examples, C_l)` array per
         gated layer, and the labels as an array (or `None` without labels).
     """
-    gate_fn = gate_fn or (lambda x: _network_gates(model, x))
+    gate_fn = gate_fn or gate_function(model)
     per_layer, labels = None, []
     for i, (x, y) in enumerate(_batches(data, batch_size)):
         if max_batches is not None and i >= max_batches:

@@ -24,8 +24,9 @@ class DeepMoEDRN(BuilderModel):
     scores per position, bilinearly upsampled to the input size. The
     bottlenecks are gated as in `DeepMoEResNet` (bottleneck A or B, wide or
     narrow); the embedding has no class head (segmentation has no image
-    label), so the gated output dict has `"logits"` `(batch, height, width,
-    num_classes)` and `"gates"`.
+    label). The model returns the logits `(batch, height, width,
+    num_classes)`, gated or plain; `keras_moe.models.deepmoe_outputs`
+    gives a model that also returns the gates.
 
     Train it with `keras_moe.training.DeepMoETrainer(network, mu=0,
     ignore_class=255)` for Cityscapes' ignore label, and report
@@ -59,7 +60,7 @@ class DeepMoEDRN(BuilderModel):
     model = keras_moe.models.DeepMoEDRN(
         num_classes=19, input_shape=(64, 64, 3))
     out = model(np.zeros((1, 64, 64, 3), "float32"))
-    tuple(out["logits"].shape)  # (1, 64, 64, 19)
+    tuple(out.shape)  # (1, 64, 64, 19)
     ```
 
     Reference:
@@ -140,7 +141,6 @@ class DeepMoEDRN(BuilderModel):
         # === Layers ===
         images = keras.Input(input_shape, name="images")
         gates = iter([])
-        outputs = {}
         if gated:
             embedding = ShallowEmbedding(
                 embedding_dim,
@@ -155,7 +155,6 @@ class DeepMoEDRN(BuilderModel):
                 gate_widths, dtype=dtype, name="gating_heads"
             )(embedding)
             gates = iter(gate_list)
-            outputs["gates"] = list(gate_list)
 
         # === Functional Model ===
         builder = _Builder(
@@ -189,12 +188,7 @@ class DeepMoEDRN(BuilderModel):
             dtype=dtype,
             name="upsample",
         )(x)
-        super().__init__(
-            inputs=images,
-            outputs={"logits": logits, **outputs} if gated else logits,
-            dtype=dtype,
-            **kwargs,
-        )
+        super().__init__(inputs=images, outputs=logits, dtype=dtype, **kwargs)
 
         # === Config ===
         self.num_classes = num_classes
@@ -212,7 +206,7 @@ class DeepMoEDRN(BuilderModel):
 
     @property
     def gated_layers(self):
-        """The `GatedConv2D` layers, in the order of the `"gates"` output."""
+        """The `GatedConv2D` layers, in the order of `model.layers`."""
         return [
             layer for layer in self.layers if isinstance(layer, GatedConv2D)
         ]

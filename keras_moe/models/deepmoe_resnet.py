@@ -45,11 +45,13 @@ class DeepMoEResNet(BuilderModel):
     builds the plain network (same widths, ordinary convolutions, no
     embedding): `variant="narrow", gated=False` is the standard ResNet.
 
-    A gated model returns a dict: `"logits"` `(batch, num_classes)`,
-    `"embedding_probs"` `(batch, num_classes)` (the embedding's class
-    prediction for the loss `L_e`) and `"gates"`, a list with one
-    `(batch, C_l)` tensor per `GatedConv2D`, in the order of
-    `model.gated_layers`. A plain model returns the logits.
+    Gated or plain, the model returns the logits `(batch, num_classes)`,
+    so it predicts, evaluates and exports like any Keras classifier.
+    `keras_moe.training.DeepMoETrainer` trains it on the DeepMoE
+    objective, and `keras_moe.models.deepmoe_outputs(model)` gives a model
+    that also returns the gates (one `(batch, C_l)` tensor per
+    `GatedConv2D`, in the order of `model.gated_layers`) and the
+    embedding's class probabilities.
 
     Args:
         depth: int. CIFAR: 20, 32, 44, 56, 110 or any `6n + 2`. ImageNet:
@@ -85,9 +87,9 @@ class DeepMoEResNet(BuilderModel):
 
     ```python
     model = keras_moe.models.DeepMoEResNet(20, num_classes=10)
-    outputs = model(np.zeros((2, 32, 32, 3), "float32"))
-    tuple(outputs["logits"].shape)  # (2, 10)
-    len(outputs["gates"]) == len(model.gated_layers)  # True
+    logits = model(np.zeros((2, 32, 32, 3), "float32"))
+    tuple(logits.shape)  # (2, 10)
+    len(model.gated_layers)  # 9
     ```
 
     Reference:
@@ -158,9 +160,8 @@ class DeepMoEResNet(BuilderModel):
         # === Functional Model ===
         images = keras.Input(input_shape, name="images")
         gates = iter([])
-        outputs = {}
         if gated:
-            embedding, class_probs = ShallowEmbedding(
+            embedding, _ = ShallowEmbedding(
                 embedding_dim,
                 num_layers=embedding_layers,
                 filters=embedding_filters,
@@ -174,8 +175,6 @@ class DeepMoEResNet(BuilderModel):
                 gate_widths, dtype=dtype, name="gating_heads"
             )(embedding)
             gates = iter(gate_list)
-            outputs["embedding_probs"] = class_probs
-            outputs["gates"] = list(gate_list)
 
         builder = _Builder(
             gated, dtype, batch_norm_momentum, batch_norm_epsilon
@@ -207,11 +206,7 @@ class DeepMoEResNet(BuilderModel):
                 )
         x = keras.layers.GlobalAveragePooling2D(dtype=dtype, name="pool")(x)
         logits = keras.layers.Dense(num_classes, dtype=dtype, name="logits")(x)
-        if gated:
-            outputs = {"logits": logits, **outputs}
-        else:
-            outputs = logits
-        super().__init__(inputs=images, outputs=outputs, dtype=dtype, **kwargs)
+        super().__init__(inputs=images, outputs=logits, dtype=dtype, **kwargs)
 
         # === Config ===
         self.depth = depth
@@ -228,7 +223,8 @@ class DeepMoEResNet(BuilderModel):
 
     @property
     def gated_layers(self):
-        """The `GatedConv2D` layers, in the order of the `"gates"` output."""
+        """The `GatedConv2D` layers, in the order of `model.layers` (and of
+        the gates of `keras_moe.models.deepmoe_outputs`)."""
         return [
             layer for layer in self.layers if isinstance(layer, GatedConv2D)
         ]

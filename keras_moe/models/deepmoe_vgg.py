@@ -49,9 +49,9 @@ class DeepMoEVGG16(BuilderModel):
     `gated=False` the same code builds the plain network (the classifier
     is then an ordinary 1x1 convolution).
 
-    The output contract is that of `DeepMoEResNet`: a dict with
-    `"logits"`, `"embedding_probs"` and `"gates"` when gated, the logits
-    otherwise.
+    As `DeepMoEResNet`, the model returns the logits, gated or plain;
+    `keras_moe.models.deepmoe_outputs(model)` also returns the gates and
+    the embedding's class probabilities.
 
     Args:
         num_classes: int, the number of classes.
@@ -124,9 +124,8 @@ class DeepMoEVGG16(BuilderModel):
         # === Layers ===
         images = keras.Input(input_shape, name="images")
         gates = [None] * len(widths)
-        outputs = {}
         if gated:
-            embedding, class_probs = ShallowEmbedding(
+            embedding, _ = ShallowEmbedding(
                 embedding_dim,
                 num_layers=embedding_layers,
                 filters=embedding_filters,
@@ -139,7 +138,6 @@ class DeepMoEVGG16(BuilderModel):
             gates = SparseGatingHeads(
                 list(widths), dtype=dtype, name="gating_heads"
             )(embedding)
-            outputs = {"embedding_probs": class_probs, "gates": list(gates)}
 
         # === Functional Model ===
         x = images
@@ -159,12 +157,7 @@ class DeepMoEVGG16(BuilderModel):
         )(x)
         x = _conv(x, num_classes, 1, gates[-1], dtype, "classifier", True)
         logits = keras.layers.Flatten(dtype=dtype, name="logits")(x)
-        super().__init__(
-            inputs=images,
-            outputs={"logits": logits, **outputs} if gated else logits,
-            dtype=dtype,
-            **kwargs,
-        )
+        super().__init__(inputs=images, outputs=logits, dtype=dtype, **kwargs)
 
         # === Config ===
         self.num_classes = num_classes
@@ -179,7 +172,7 @@ class DeepMoEVGG16(BuilderModel):
     @property
     def gated_layers(self):
         """The `GatedConv2D` layers (convolutions 2 to 13, the classifier),
-        in the order of the `"gates"` output."""
+        in the order of `model.layers`."""
         return [
             layer for layer in self.layers if isinstance(layer, GatedConv2D)
         ]

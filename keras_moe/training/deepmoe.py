@@ -10,13 +10,13 @@ from keras import ops
 
 from keras_moe.analysis.callbacks import RoutingCollapseWarning
 from keras_moe.analysis.flops import cost_terms
-from keras_moe.layers import GatedConv2D
 from keras_moe.layers import ShallowEmbedding
 from keras_moe.layers import SparseGatingHeads
 from keras_moe.layers import gate_l1
 from keras_moe.layers._validation import check_choice
 from keras_moe.layers._validation import check_non_negative_number
 from keras_moe.layers.sparse_gating_heads import GATE_REDUCTIONS
+from keras_moe.models import deepmoe_outputs
 
 
 class _LastValue(keras.metrics.Metric):
@@ -33,6 +33,36 @@ class _LastValue(keras.metrics.Metric):
 
     def result(self):
         return ops.convert_to_tensor(self.value)
+
+
+class _Untracked:
+    """Holds an object out of Keras' attribute tracking."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _broadcast_weights(sample_weight, values):
+    """`sample_weight` as float32 with `values`' rank (per example or per
+    pixel), averaged over the extra axes when it has more."""
+    weights = ops.cast(sample_weight, "float32")
+    while len(weights.shape) > len(values.shape):
+        weights = ops.mean(weights, axis=-1)
+    while len(weights.shape) < len(values.shape):
+        weights = ops.expand_dims(weights, -1)
+    return ops.broadcast_to(weights, ops.shape(values))
+
+
+def _weighted_mean(values, weights=None, valid=None):
+    """Keras' "sum over batch size" reduction: the sum of the (weighted)
+    values over their number (the number of valid ones with a mask)."""
+    count = ops.cast(ops.size(values), "float32")
+    if valid is not None:
+        values = values * valid
+        count = ops.maximum(ops.sum(valid), 1.0)
+    if weights is not None:
+        values = values * weights
+    return ops.sum(values) / count
 
 
 class _CollapseAlarm(keras.callbacks.Callback):
@@ -83,13 +113,29 @@ def _replicas_in_sync():
 class DeepMoETrainer(keras.Model):
     """Trains a DeepMoE network on `J = L_b + lambda L_g + mu L_e`.
 
-    Wraps a network whose call returns `{"logits", "embedding_probs",
-    "gates"}` (the DeepMoE models of `keras_moe.models`) and applies the
-    DeepMoE objective (eq. 7) in `compute_loss`, so that plain `fit` and
-    `evaluate` train it on every backend:
+    Wraps a DeepMoE network and applies the DeepMoE objective (eq. 7) in
+    `compute_loss`, so that plain `fit` and `evaluate` train it on every
+    backend. The network is any functional or Sequential model built from
+    the layers of `keras_moe.layers`, a builder of `keras_moe.models`, or
+    a CNN converted by `keras_moe.models.to_deepmoe`. What the objective
+    needs is read from its graph (`keras_moe.models.deepmoe_outputs`):
+
+    - the logits: the network's output, or its `"logits"` entry when it
+      returns a dict;
+    - the gates: the second input of every `GatedConv2D` (or a `"gates"`
+      list among the outputs of a network without `GatedConv2D` layers);
+    - the embedding's class probabilities, for `L_e`: the second output of
+      its `ShallowEmbedding` built with `num_classes` (or an
+      `"embedding_probs"` output). Without them, `mu` must be 0.
+
+    A network without logits or gates raises a `ValueError` that says what
+    it must provide. The terms:
 
     - `L_b`: cross entropy of the logits (per pixel for segmentation
-      logits), with integer labels;
+      logits), with integer labels, weighted by `sample_weight` (and so
+      by `class_weight`) as Keras' own losses are: the sum of the weighted
+      losses over the number of examples (of valid pixels with
+      `ignore_class`);
     - `L_g`: the gate L1 norm of eq. 8, averaged over the batch
       (`keras_moe.layers.gate_l1`). By default it is divided by the number
       of gates (`gate_reduction="mean"`), which puts it on the scale of the
@@ -101,8 +147,8 @@ class DeepMoETrainer(keras.Model):
       the number of gated channels at initialization (2,016 for wide
       DeepMoE-ResNet-56), and the paper's `lambda` values switch every
       gate off within a few steps;
-    - `L_e`: cross entropy of the embedding's class prediction (skipped when
-      the network has no `"embedding_probs"` output).
+    - `L_e`: cross entropy of the embedding's class prediction, weighted
+      per example like `L_b`.
 
     The logs show `loss` (J), `base_loss`, `gate_loss` (`L_g`, unweighted),
     `embedding_loss`, `gate_density` (fraction of non-zero gates),
@@ -112,7 +158,8 @@ class DeepMoETrainer(keras.Model):
     whole of the last batch), next to the compiled metrics, which see the
     logits. The first time a layer collapses during `fit`, a
     `keras_moe.analysis.RoutingCollapseWarning` says so, with the epoch and
-    step. `predict` returns the logits.
+    step. `call` returns the dict of `deepmoe_outputs`; `predict` returns
+    the logits.
 
     Changing `lambda_gate` or `mu` takes effect at the next `compile`.
 
@@ -122,11 +169,14 @@ class DeepMoETrainer(keras.Model):
             uses 0.001 to 8 on CIFAR; larger values give sparser, cheaper
             networks). Defaults to 1.0.
         mu: float >= 0, the weight of `L_e` (the paper: 1 on CIFAR, 0 on
-            ImageNet).
+            ImageNet and for segmentation). Defaults to 1.0.
         gate_reduction: `"mean"` (default) or `"sum"`, how `L_g` reduces
             over the gates (see above).
         ignore_class: optional label left out of `L_b`, such as
             Cityscapes' 255 for segmentation.
+        from_logits: bool, whether the network outputs logits (the
+            default) or probabilities (a model ending in a softmax, such
+            as a converted `keras.applications` model).
         **kwargs: `keras.Model` keyword arguments.
 
     Example:
@@ -154,16 +204,36 @@ class DeepMoETrainer(keras.Model):
         mu=1.0,
         gate_reduction="mean",
         ignore_class=None,
+        from_logits=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # Raises the ValueError that says what a DeepMoE network needs.
+        outputs = deepmoe_outputs(network)
         self.network = network
+        # Not tracked: it shares every layer and weight with `network`,
+        # which is what is saved.
+        self._outputs = _Untracked(outputs)
         self.lambda_gate = check_non_negative_number("lambda_gate", lambda_gate)
         self.mu = check_non_negative_number("mu", mu)
         self.gate_reduction = check_choice(
             "gate_reduction", gate_reduction, GATE_REDUCTIONS
         )
         self.ignore_class = ignore_class
+        if not isinstance(from_logits, bool):
+            raise ValueError(
+                "`from_logits` must be a bool. "
+                f"Received: from_logits={from_logits!r}"
+            )
+        self.from_logits = from_logits
+        self._has_embedding_probs = "embedding_probs" in outputs.output
+        if self.mu > 0 and not self._has_embedding_probs:
+            raise ValueError(
+                f"`mu` > 0 weighs the embedding's cross entropy L_e, but "
+                f"network {network.name!r} has no class probabilities: give "
+                "its ShallowEmbedding `num_classes`, or pass mu=0. Received: "
+                f"mu={mu!r}"
+            )
         self.base_loss_tracker = keras.metrics.Mean(name="base_loss")
         self.gate_loss_tracker = keras.metrics.Mean(name="gate_loss")
         self.embedding_loss_tracker = keras.metrics.Mean(name="embedding_loss")
@@ -172,36 +242,35 @@ class DeepMoETrainer(keras.Model):
         self.collapsed_tracker = _LastValue(name="collapsed_layers")
         self._collapse_reported = False
         self._dense_macs, self._cost_terms = cost_terms(network)
-        self._num_gated = sum(
-            isinstance(layer, GatedConv2D) for layer in network.layers
-        )
+        self._num_gated = len(outputs.output["gates"])
 
     def call(self, inputs, training=None):
-        return self.network(inputs, training=training)
+        return self._outputs.value(inputs, training=training)
 
-    def _terms(self, y, y_pred):
+    def _terms(self, y, y_pred, sample_weight=None):
         logits = ops.cast(y_pred["logits"], "float32")
-        if self.ignore_class is None:
-            base = ops.mean(
-                keras.losses.sparse_categorical_crossentropy(
-                    y, logits, from_logits=True
-                )
+        valid = None
+        labels = y
+        if self.ignore_class is not None:
+            keep = ops.not_equal(y, self.ignore_class)
+            valid = ops.cast(keep, "float32")
+            labels = ops.where(keep, y, 0)
+        per_item = keras.losses.sparse_categorical_crossentropy(
+            labels, logits, from_logits=self.from_logits
+        )
+        weights = None
+        if sample_weight is not None:
+            weights = _broadcast_weights(sample_weight, per_item)
+        base = _weighted_mean(per_item, weights, valid)
+        gate = gate_l1(y_pred["gates"], self.gate_reduction)
+        if self._has_embedding_probs:
+            per_example = keras.losses.sparse_categorical_crossentropy(
+                y, ops.cast(y_pred["embedding_probs"], "float32")
             )
-        else:
-            valid = ops.cast(ops.not_equal(y, self.ignore_class), "float32")
-            labels = ops.where(ops.not_equal(y, self.ignore_class), y, 0)
-            per_pixel = keras.losses.sparse_categorical_crossentropy(
-                labels, logits, from_logits=True
-            )
-            base = ops.sum(per_pixel * valid) / ops.maximum(ops.sum(valid), 1.0)
-        gates = y_pred.get("gates", [])
-        gate = gate_l1(gates, self.gate_reduction) if gates else ops.zeros(())
-        if "embedding_probs" in y_pred:
-            embedding = ops.mean(
-                keras.losses.sparse_categorical_crossentropy(
-                    y, ops.cast(y_pred["embedding_probs"], "float32")
-                )
-            )
+            example_weights = None
+            if sample_weight is not None:
+                example_weights = _broadcast_weights(sample_weight, per_example)
+            embedding = _weighted_mean(per_example, example_weights)
         else:
             embedding = ops.zeros(())
         return base, gate, embedding
@@ -216,7 +285,7 @@ class DeepMoETrainer(keras.Model):
         the replicas' gradients, so that the update is that of the mean
         over the global batch.
         """
-        base, gate, embedding = self._terms(y, y_pred)
+        base, gate, embedding = self._terms(y, y_pred, sample_weight)
         total = base + self.lambda_gate * gate + self.mu * embedding
         for loss in self.losses:
             total = total + ops.cast(loss, "float32")
@@ -224,11 +293,11 @@ class DeepMoETrainer(keras.Model):
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """Updates the loss terms, gate density, FLOPs ratio and metrics."""
-        base, gate, embedding = self._terms(y, y_pred)
+        base, gate, embedding = self._terms(y, y_pred, sample_weight)
         self.base_loss_tracker.update_state(base)
         self.gate_loss_tracker.update_state(gate)
         self.embedding_loss_tracker.update_state(embedding)
-        gates = y_pred.get("gates", [])
+        gates = y_pred["gates"]
         if gates:
             active = [
                 ops.mean(ops.cast(ops.not_equal(g, 0), "float32"), axis=-1)
@@ -321,6 +390,7 @@ class DeepMoETrainer(keras.Model):
             "mu": self.mu,
             "gate_reduction": self.gate_reduction,
             "ignore_class": self.ignore_class,
+            "from_logits": self.from_logits,
         }
 
     @classmethod
