@@ -16,6 +16,8 @@ TITLES = {
     "backward vs the masked dense formulation",
     "wrn_pmoe_train_step": "(c) WRN-pMoE vs WRN train step",
     "sparse_inference": "(d) Sparse inference vs dense",
+    "pmoe_halo_vs_authors": "(f) PatchExpertChoiceMoE with the halo "
+    "placement vs the authors' masked pMoE layer",
 }
 INTRO = """# Benchmarks
 
@@ -98,6 +100,17 @@ def section(benchmark, results):
                         f"the base network's "
                         f"{row['base_network_mmacs']:.0f} M (the "
                         "paper: about 2%)."
+                    )
+            limits = [row for row in result["rows"] if "work_ratio" in row]
+            if limits:
+                lines.append("")
+                for row in limits:
+                    lines.append(
+                        f"- {row['name']}: the limit is the work ratio "
+                        f"l/n = {row['work_ratio']:.3f} (ratio / limit "
+                        f"{row['ratio_over_limit']:.2f}); outputs on the "
+                        "selected patches agree to "
+                        f"{row['max_abs_difference_on_selected']:.1e}."
                     )
             flops = [row for row in result["rows"] if "flop_ratio" in row]
             if flops:

@@ -28,6 +28,11 @@ network for one epoch on synthetic 64x64 images (no faces) whose classes
 are small local marks (a "smile" bar in the lower half, dark "eyeglasses"
 in the upper half), offline, in seconds.
 
+`--architecture authors` trains the networks of the authors' public code
+instead (presets `authors_wrn10_10_celeba` and
+`authors_wrn10_10_pmoe_celeba`, with the task's number of classes), and
+`--widening-factor` a narrower WRN-10-k; see `cifar_wrn_pmoe.py --help`.
+
 Writes `results.json`, `accuracy.png`, `selection_frequency.png` and
 `patch_selection.png` to `--output-dir`, as `cifar_wrn_pmoe.py` does.
 """
@@ -150,7 +155,13 @@ def main(argv=None):
     return run_comparison(
         args,
         load,
-        ("wrn10_10_celeba", "wrn10_10_pmoe_celeba"),
+        {
+            "paper": ("wrn10_10_celeba", "wrn10_10_pmoe_celeba"),
+            "authors": (
+                "authors_wrn10_10_celeba",
+                "authors_wrn10_10_pmoe_celeba",
+            ),
+        },
         lambda info: f"CelebA {args.task}: WRN vs WRN-pMoE",
     )
 

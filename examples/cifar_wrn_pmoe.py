@@ -22,6 +22,20 @@ directory), or an image folder with `train/<class>/*` and `test/<class>/*`
 given as `--data-dir`. `--smoke` trains a narrow network for one epoch on
 the handwritten digits that ship with scikit-learn, offline, in seconds.
 
+Networks: `--architecture paper` (default) builds the networks the paper's
+text describes, the pre-activation WRN with only its last convolution
+swapped (presets `wrn10_10_cifar10` and `wrn10_10_pmoe_cifar10`);
+`--architecture authors` builds the networks of the authors' public code,
+parameter for parameter (`authors_wrn10_10_cifar10` and
+`authors_wrn10_10_pmoe_cifar10`: biases, a different last stage, batch
+normalization and ReLU inside each expert after the gate, softmax over all
+patches, routers initialised near uniform gates). `--widening-factor`
+builds the same WRN-10-k at another width (the paper: 10; 4 trains several
+times faster): the experts' filters, and the authors' last convolution,
+follow it. `--placement halo` computes the authors' pMoE layer on the
+selected patches only (equal outputs there in inference mode), instead of
+on the whole masked map as their code does.
+
 Writes `results.json` (every run, the mean and standard deviation per
 training-set size, parameters and FLOPs of both models, routing statistics
 of the last WRN-pMoE), `accuracy.png` (test accuracy against the number of
@@ -40,10 +54,10 @@ import numpy as np
 
 from keras_moe import analysis
 from keras_moe import data
-from keras_moe.models import WRN_PRESETS
 from keras_moe.models import WideResNet
 
 MODELS = ("wrn", "wrn_pmoe")
+ARCHITECTURES = ("paper", "authors")
 LABELS = {"wrn": "WRN", "wrn_pmoe": "WRN-pMoE"}
 
 
@@ -68,14 +82,47 @@ def add_arguments(parser, train_sizes, test_size, output_dir):
     parser.add_argument("--learning-rate", type=float, default=0.1)
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument(
+        "--architecture",
+        default="paper",
+        choices=ARCHITECTURES,
+        help="paper: the WRN of the paper's text, only its last convolution "
+        "replaced by the pMoE layer; authors: the networks of the authors' "
+        "public code, parameter for parameter (no shortcut around the MoE, "
+        "BN -> ReLU -> conv experts behind the gate, softmax_all gating)",
+    )
     parser.add_argument("--depth", type=int, default=10)
-    parser.add_argument("--widening-factor", type=int, default=10)
+    parser.add_argument(
+        "--widening-factor",
+        type=int,
+        default=10,
+        help="k of WRN-depth-k: 10 is the paper's network; a smaller one "
+        "(e.g. 4) is the same network at a reduced width, the experts' "
+        "filters following it",
+    )
     parser.add_argument("--dropout-rate", type=float, default=0.0)
     parser.add_argument(
         "--gating",
-        default="softmax",
+        default=None,
         choices=["softmax", "hard", "softmax_all"],
-        help="gating of the pMoE layer; softmax is joint training",
+        help="gating of the pMoE layer (softmax is joint training); "
+        "default: the preset's, softmax for paper, softmax_all for authors",
+    )
+    parser.add_argument(
+        "--patches-per-expert",
+        type=int,
+        default=None,
+        help="patches l each expert selects; default: the preset's (the "
+        "authors used 2 in their CIFAR-10-with-ImageNet-noise experiment)",
+    )
+    parser.add_argument(
+        "--placement",
+        default=None,
+        choices=["patch", "masked", "halo"],
+        help="where the pMoE experts run: patch (each selected patch "
+        "alone, eq. 1), masked (the whole masked map, the authors' code), "
+        "halo (as masked, on the selected patches and their halo only); "
+        "default: patch for paper, masked for authors",
     )
     parser.add_argument(
         "--augment",
@@ -122,6 +169,8 @@ def smoke_settings(args):
 
 
 def check_args(args, num_classes):
+    if args.patches_per_expert is not None and args.patches_per_expert <= 0:
+        raise SystemExit("--patches-per-expert must be positive.")
     for name in ("runs", "epochs", "batch_size", "widening_factor"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive.")
@@ -189,24 +238,27 @@ def take(by_class, size, seed):
     return x[order].astype("float32") / 255.0, y[order]
 
 
-def build(kind, plain_preset, pmoe_preset, args, num_classes, input_shape):
-    """WRN or WRN-pMoE at the chosen width, from the paper's presets."""
-    preset = pmoe_preset if kind == "wrn_pmoe" else plain_preset
-    config = dict(
-        WRN_PRESETS[preset],
+def build(kind, presets, args, num_classes, input_shape):
+    """WRN or WRN-pMoE at the chosen width, from the presets of the chosen
+    architecture."""
+    plain_preset, pmoe_preset = presets[args.architecture]
+    overrides = dict(
         depth=args.depth,
         widening_factor=args.widening_factor,
         num_classes=num_classes,
         input_shape=input_shape,
         dropout_rate=args.dropout_rate,
     )
-    if kind == "wrn_pmoe":
-        # Without expert_filters the experts' outputs add up to the block
-        # width at any widening factor (80 or 160 filters at width 10).
-        pmoe = dict(config["pmoe"], gating=args.gating)
-        pmoe.pop("expert_filters")
-        config["pmoe"] = pmoe
-    return WideResNet(**config)
+    if kind == "wrn":
+        return WideResNet.from_preset(plain_preset, **overrides)
+    # Updates the preset's pMoE arguments; the experts' filters follow the
+    # width (80 or 160 at width 10).
+    pmoe = {
+        name: getattr(args, name)
+        for name in ("gating", "patches_per_expert", "placement")
+        if getattr(args, name) is not None
+    }
+    return WideResNet.from_preset(pmoe_preset, pmoe=pmoe, **overrides)
 
 
 def augmented(x, y, args):
@@ -319,9 +371,11 @@ def describe(model, kind, args):
     described = {
         "parameters": int(model.count_params()),
         "mmacs_per_image": analysis.flop_report(model).dense_macs / 1e6,
+        "architecture": model.architecture,
         "pmoe": None
         if layer is None
         else {
+            "placement": layer.placement,
             "num_patches": layer.num_patches,
             "num_experts": layer.num_experts,
             "patches_per_expert": layer.patches_per_expert,
@@ -347,7 +401,8 @@ def compare(args, train_by_class, x_test, y_test, info, presets, title):
         train_by_class: list of uint8 image arrays, one per class.
         x_test, y_test: the test set, float32 images in [0, 1].
         info: a `keras_moe.data.DatasetInfo`.
-        presets: `(plain preset, pMoE preset)` names of `WRN_PRESETS`.
+        presets: dict from architecture (`"paper"`, `"authors"`) to the
+            `(plain preset, pMoE preset)` names of `WRN_PRESETS`.
         title: the figure title.
 
     Returns:
@@ -366,7 +421,7 @@ def compare(args, train_by_class, x_test, y_test, info, presets, title):
         for kind in args.models:
             for run in range(args.runs):
                 keras.utils.set_random_seed(args.seed + 1000 * run + size)
-                model = build(kind, *presets, args, num_classes, input_shape)
+                model = build(kind, presets, args, num_classes, input_shape)
                 if kind not in models:
                     models[kind] = describe(model, kind, args)
                 print(
@@ -470,7 +525,13 @@ def main(argv=None):
     return run_comparison(
         args,
         load,
-        ("wrn10_10_cifar10", "wrn10_10_pmoe_cifar10"),
+        {
+            "paper": ("wrn10_10_cifar10", "wrn10_10_pmoe_cifar10"),
+            "authors": (
+                "authors_wrn10_10_cifar10",
+                "authors_wrn10_10_pmoe_cifar10",
+            ),
+        },
         lambda info: f"{info.name}: WRN vs WRN-pMoE",
     )
 

@@ -231,27 +231,41 @@ def test_pmoe_synthetic_mnist_without_data_says_what_to_do(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "script, args, pmoe_parameters",
+    "script, args, num_classes, pmoe_parameters",
     [
         # WRN-10-1: 4 experts of 1x1x64x16 (+ bias), routers on 1x1x64.
-        ("cifar_wrn_pmoe.py", [], 4 * (64 * 16 + 16) + 64 * 4),
+        ("cifar_wrn_pmoe.py", [], 10, 4 * (64 * 16 + 16) + 64 * 4),
+        # The authors' network: a batch normalization (4 x 64) in each
+        # expert, 16 patches each; the efficient placement.
+        (
+            "cifar_wrn_pmoe.py",
+            ["--architecture", "authors", "--placement", "halo"],
+            10,
+            4 * (4 * 64 + 64 * 16 + 16) + 64 * 4,
+        ),
         # 8 experts of 3x3x64x8 (+ bias), routers on 4x4x64 patches.
         (
             "celeba_wrn_pmoe.py",
             ["--task", "smiling_eyeglasses"],
+            4,
             8 * (3 * 3 * 64 * 8 + 8) + 4 * 4 * 64 * 8,
         ),
     ],
 )
-def test_wrn_pmoe_smoke(tmp_path, script, args, pmoe_parameters):
+def test_wrn_pmoe_smoke(tmp_path, script, args, num_classes, pmoe_parameters):
     out = run_example(script, "--smoke", *args, "--output-dir", str(tmp_path))
     assert "| training images | WRN | WRN-pMoE |" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
-    assert results["num_classes"] == (4 if args else 10)
+    assert results["num_classes"] == num_classes
     assert results["models"]["wrn_pmoe"]["pmoe"]["parameters"] == (
         pmoe_parameters
     )
+    architecture = "authors" if "authors" in args else "paper"
+    for kind in ("wrn", "wrn_pmoe"):
+        assert results["models"][kind]["architecture"] == architecture
+    placement = "halo" if "halo" in args else "patch"
+    assert results["models"]["wrn_pmoe"]["pmoe"]["placement"] == placement
     for kind in ("wrn", "wrn_pmoe"):
         sizes = results["summary"][kind]
         assert len(sizes) == 2

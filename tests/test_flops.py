@@ -193,6 +193,34 @@ def test_patch_moe_counts_only_selected_patches():
     assert row["dense_macs"] == routing + experts
 
 
+@pytest.mark.parametrize(
+    "placement, expert_positions",
+    [
+        # Every expert on the whole 8x8 map.
+        ("masked", 64),
+        # Only the l = 3 selected 2x2 patches (the halo is the convolution's
+        # input, not its output).
+        ("halo", 3 * 2 * 2),
+    ],
+)
+def test_patch_moe_counts_where_the_experts_run(placement, expert_positions):
+    inputs = keras.Input((8, 8, 4))
+    moe = PatchExpertChoiceMoE(
+        2,
+        3,
+        2,
+        expert_filters=5,
+        expert_use_pre_activation=True,
+        placement=placement,
+        name="moe",
+    )
+    model = keras.Model(inputs, moe(inputs))
+    (row,) = analysis.flop_report(model).layers
+    routing = 16 * (2 * 2 * 4) * 2
+    experts = 2 * expert_positions * (3 * 3 * 4 * 5)
+    assert row["dense_macs"] == routing + experts
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="XLA's cost analysis")
 def test_matches_jax_cost_analysis():
     import jax

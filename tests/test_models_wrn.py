@@ -168,8 +168,9 @@ def test_fit_trains():
     ],
     ids=["plain", "pmoe", "custom_experts"],
 )
-def test_config_round_trip_and_saving(tmp_path, pmoe):
-    model = tiny(pmoe=pmoe, dropout_rate=0.1)
+@pytest.mark.parametrize("architecture", ["paper", "authors"])
+def test_config_round_trip_and_saving(tmp_path, pmoe, architecture):
+    model = tiny(pmoe=pmoe, dropout_rate=0.1, architecture=architecture)
     x = images(2, seed=4)
     config = model.get_config()
     revived = WideResNet.from_config(config)
@@ -217,24 +218,120 @@ def test_presets():
         "wrn10_10_pmoe_celeba",
         "wrn10_10_cifar10",
         "wrn10_10_pmoe_cifar10",
+        "authors_wrn10_10_celeba",
+        "authors_wrn10_10_pmoe_celeba",
+        "authors_wrn10_10_cifar10",
+        "authors_wrn10_10_pmoe_cifar10",
+        "authors_wrn10_10_pmoe_cifar10_imagenet_noise",
     }
     celeba = WRN_PRESETS["wrn10_10_pmoe_celeba"]
     assert celeba["input_shape"] == (64, 64, 3)
     assert celeba["pmoe"]["gating"] == "softmax"
-    # A narrow version of a preset: the experts follow the width.
-    pmoe = {k: v for k, v in celeba["pmoe"].items() if k != "expert_filters"}
-    model = WideResNet.from_preset(
-        "wrn10_10_pmoe_celeba",
-        widening_factor=1,
-        pmoe=pmoe,
-    )
-    assert model.pmoe_layer.num_patches == 16
-    assert model.pmoe_layer.expert_filters == 8
-    # Keeping the preset's 80 filters at another width is an error.
-    with pytest.raises(ValueError, match="must have 64 channels; it gives 640"):
-        WideResNet.from_preset("wrn10_10_pmoe_celeba", widening_factor=1)
     with pytest.raises(ValueError, match="preset='wrn28_10'"):
         WideResNet.from_preset("wrn28_10")
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        # The authors' code: CelebA with 4 classes, CIFAR-10 with 10.
+        ("authors_wrn10_10_celeba", 7_439_396),
+        ("authors_wrn10_10_cifar10", 7_443_242),
+        ("authors_wrn10_10_pmoe_celeba", 7_333_796),
+        ("authors_wrn10_10_pmoe_cifar10", 3_971_242),
+        ("authors_wrn10_10_pmoe_cifar10_imagenet_noise", 3_971_242),
+    ],
+)
+def test_parameter_counts_of_the_authors_networks(preset, expected):
+    with keras.StatelessScope(initialize_variables=False):
+        model = WideResNet.from_preset(preset)
+    assert model.count_params() == expected
+
+
+@pytest.mark.parametrize(
+    "preset", ["wrn10_10_pmoe_cifar10", "authors_wrn10_10_pmoe_cifar10"]
+)
+def test_preset_overrides_compose(preset):
+    # A narrower width: the experts (and the authors' last convolution)
+    # follow it.
+    model = WideResNet.from_preset(preset, widening_factor=1)
+    assert model.pmoe_layer.expert_filters == 16
+    assert model.pmoe_layer.output_channels == 64
+    assert model.pmoe_layer.input.shape[-1] == 64
+    # Values the user sets win; a pmoe dict updates the preset's.
+    model = WideResNet.from_preset(
+        preset, widening_factor=1, pmoe=dict(expert_filters=64, combine="sum")
+    )
+    assert model.pmoe_layer.expert_filters == 64
+    assert model.pmoe_layer.combine == "sum"
+    assert model.pmoe_layer.num_experts == 4
+    model = WideResNet.from_preset(
+        preset, widening_factor=1, pmoe=dict(placement="halo")
+    )
+    assert model.pmoe_layer.placement == "halo"
+    assert model.pmoe_layer.patches_per_expert == 16
+    plain = WideResNet.from_preset(preset, widening_factor=1, pmoe=None)
+    assert plain.pmoe_layer is None
+    if preset.startswith("authors"):
+        # No addition around the authors' MoE: any width goes.
+        model = WideResNet.from_preset(
+            preset, widening_factor=1, pmoe=dict(expert_filters=8)
+        )
+        assert model.pmoe_layer.output_channels == 32
+    else:
+        with pytest.raises(ValueError, match="must have 64 channels; it gives"):
+            WideResNet.from_preset(
+                preset, widening_factor=1, pmoe=dict(expert_filters=8)
+            )
+
+
+def test_the_authors_architecture():
+    model = tiny(architecture="authors", pmoe=TINY_PMOE)
+    convs = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Conv2D)
+    ]
+    # Biases and Glorot kernels; projections in the first block of every
+    # group (also 16 -> 16 channels), from the block's input as it comes.
+    assert all(conv.use_bias for conv in convs)
+    assert all(
+        isinstance(conv.kernel_initializer, keras.initializers.GlorotUniform)
+        for conv in convs
+    )
+    assert model.get_layer("block1_proj").input is (
+        model.get_layer("stem_conv").output
+    )
+    assert model.get_layer("block2_proj").input is (
+        model.get_layer("block1_add").output
+    )
+    # The third group is BN -> ReLU -> conv(stride 2) -> pMoE -> final BN.
+    adds = [
+        layer.name
+        for layer in model.layers
+        if isinstance(layer, keras.layers.Add)
+    ]
+    assert adds == ["block1_add", "block2_add"]
+    stage = model.get_layer("block3_conv1")
+    assert stage.strides == (2, 2) and stage.filters == 64
+    layer = model.pmoe_layer
+    assert layer.input is stage.output
+    assert model.get_layer("final_bn").input is layer.output
+    # The authors' pMoE layer: their gating, placement, experts, routers.
+    assert (layer.placement, layer.gating) == ("masked", "softmax_all")
+    assert layer.expert_use_pre_activation and layer.expert_use_bias
+    bn, relu, conv = layer.expert_layers[0].layers
+    assert isinstance(bn, keras.layers.BatchNormalization)
+    assert isinstance(conv.kernel_initializer, keras.initializers.GlorotUniform)
+    assert bn.momentum == 0.9  # the network's batch normalization
+    router = to_numpy(layer.router)
+    assert 0.5e-4 < router.std() < 2e-4
+    # So every gate starts near 1/n.
+    _, routing = layer(
+        images(2, size=4)[..., :1] * np.ones(64), return_routing=True
+    )
+    np.testing.assert_allclose(to_numpy(routing["gates"]), 1 / 4, atol=1e-3)
+    assert tuple(model(images(2)).shape) == (2, 3)
 
 
 @pytest.mark.parametrize(
@@ -251,6 +348,7 @@ def test_presets():
         (dict(pmoe=dict(TINY_PMOE, num_experts=3)), "num_experts"),
         (dict(pmoe=dict(TINY_PMOE, patch_size=3)), "patch_size"),
         (dict(pmoe=dict(TINY_PMOE, gating="top1")), "gating='top1'"),
+        (dict(architecture="tf"), "architecture='tf'"),
     ],
 )
 def test_invalid_arguments(kwargs, match):

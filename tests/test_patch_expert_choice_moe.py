@@ -155,11 +155,18 @@ def test_experts_run_on_selected_patches_only():
         assert expert.seen_shapes == [(2 * 2, 4, 4, 3)]
 
 
+@pytest.mark.parametrize("placement", ["patch", "masked", "halo"])
 @pytest.mark.parametrize("gating", ["softmax", "softmax_all", "hard"])
-def test_router_gradient(gating):
+def test_router_gradient(gating, placement):
     x = random_map()
     layer = PatchExpertChoiceMoE(
-        2, 2, 4, expert_filters=3, gating=gating, combine="sum"
+        2,
+        2,
+        4,
+        expert_filters=3,
+        gating=gating,
+        combine="sum",
+        placement=placement,
     )
     layer.build(x.shape)
     weight_grads, input_grads = gradients(
@@ -198,11 +205,17 @@ def test_route_and_return_routing_in_functional_model():
     np.testing.assert_allclose(chosen, top, atol=1e-6)
 
 
-def test_channels_first():
+@pytest.mark.parametrize("placement", ["patch", "masked", "halo"])
+def test_channels_first(placement):
     x = random_map()
-    last = PatchExpertChoiceMoE(2, 2, 4, expert_filters=3)
+    last = PatchExpertChoiceMoE(2, 2, 4, expert_filters=3, placement=placement)
     first = PatchExpertChoiceMoE(
-        2, 2, 4, expert_filters=3, data_format="channels_first"
+        2,
+        2,
+        4,
+        expert_filters=3,
+        placement=placement,
+        data_format="channels_first",
     )
     last.build(x.shape)
     first.build(np.transpose(x, (0, 3, 1, 2)).shape)
@@ -260,18 +273,27 @@ def test_layer_contract_with_custom_experts(tmp_path):
 @pytest.mark.skipif(
     BACKEND not in ("jax", "tensorflow"), reason="XLA compilation"
 )
-def test_compiles_under_xla():
+@pytest.mark.parametrize("placement", ["patch", "masked", "halo"])
+def test_compiles_under_xla(placement):
     x = random_map()
-    layer = PatchExpertChoiceMoE(2, 2, 4, expert_filters=3)
+    layer = PatchExpertChoiceMoE(
+        2,
+        2,
+        4,
+        expert_filters=3,
+        expert_use_pre_activation=True,
+        placement=placement,
+    )
     eager = ops.convert_to_numpy(layer(x))
     if BACKEND == "jax":
         import jax
 
         values = [v.value for v in layer.trainable_weights]
+        statistics = [v.value for v in layer.non_trainable_weights]
 
         @jax.jit
         def run(values, x):
-            return layer.stateless_call(values, [], x)[0]
+            return layer.stateless_call(values, statistics, x)[0]
 
         compiled = run(values, x)
     else:
@@ -279,6 +301,357 @@ def test_compiles_under_xla():
 
         compiled = tf.function(layer, jit_compile=True)(x)
     np.testing.assert_allclose(to_numpy(compiled), eager, atol=1e-5)
+
+
+def authors_reference(layer, x, gating="softmax_all"):
+    """The authors' WRN-pMoE layer (nowazrabbani/pMoE_CNN), with loops.
+
+    Per expert: routing values from a convolution with the router as a
+    kernel of the patch's size and stride, a softmax over all patches (or
+    the other gatings), the top `l`; the input map times the gating value
+    on the selected patches and zero elsewhere; then the expert, batch
+    normalization (inference mode) -> ReLU -> same-padded convolution,
+    on that whole masked map.
+    """
+    x = x.astype("float64")
+    batch, height, width, channels = x.shape
+    patch_h, patch_w = layer.patch_size
+    grid_h, grid_w = height // patch_h, width // patch_w
+    per_expert = layer.patches_per_expert
+    router = ops.convert_to_numpy(layer.router).astype("float64")
+    router = router.reshape(patch_h, patch_w, channels, layer.num_experts)
+    outputs = []
+    for s, expert in enumerate(layer.expert_layers):
+        parts = expert.layers if isinstance(expert, keras.Sequential) else []
+        conv = expert.layers[-1] if parts else expert
+        expert_out = []
+        for b in range(batch):
+            values = np.zeros(grid_h * grid_w)
+            for row in range(grid_h):
+                for col in range(grid_w):
+                    window = x[
+                        b,
+                        row * patch_h : (row + 1) * patch_h,
+                        col * patch_w : (col + 1) * patch_w,
+                    ]
+                    values[row * grid_w + col] = np.sum(window * router[..., s])
+            chosen = np.argsort(-values, kind="stable")[:per_expert]
+            if gating == "softmax_all":
+                gate = softmax(values)[chosen]
+            elif gating == "softmax":
+                gate = softmax(values[chosen])
+            else:
+                gate = np.ones(per_expert)
+            gate_map = np.zeros((height, width))
+            for j, g in zip(chosen, gate):
+                row, col = divmod(j, grid_w)
+                gate_map[
+                    row * patch_h : (row + 1) * patch_h,
+                    col * patch_w : (col + 1) * patch_w,
+                ] = g
+            h = x[b] * gate_map[..., None]
+            for part in parts[:-1]:
+                if isinstance(part, keras.layers.BatchNormalization):
+                    gamma, beta, mean, variance = (
+                        ops.convert_to_numpy(w).astype("float64")
+                        for w in part.weights
+                    )
+                    h = (h - mean) / np.sqrt(variance + part.epsilon)
+                    h = h * gamma + beta
+                else:
+                    assert isinstance(part, keras.layers.ReLU)
+                    h = np.maximum(h, 0.0)
+            kernel = ops.convert_to_numpy(conv.kernel).astype("float64")
+            bias = ops.convert_to_numpy(conv.bias).astype("float64")
+            expert_out.append(
+                conv2d_reference(h[None], kernel, bias, padding="same")[0]
+            )
+        outputs.append(np.stack(expert_out))
+    if layer.combine == "concat":
+        return np.concatenate(outputs, axis=-1)
+    return np.sum(outputs, axis=0)
+
+
+def expert_pixels(layer, indices, height, width):
+    """`(batch, k, height, width)`: True on the patches each expert
+    selected."""
+    patch_h, patch_w = layer.patch_size
+    grid_w = width // patch_w
+    batch, num_experts, _ = indices.shape
+    mask = np.zeros((batch, num_experts, height, width), bool)
+    for b in range(batch):
+        for s in range(num_experts):
+            for j in indices[b, s]:
+                row, col = divmod(int(j), grid_w)
+                mask[
+                    b,
+                    s,
+                    row * patch_h : (row + 1) * patch_h,
+                    col * patch_w : (col + 1) * patch_w,
+                ] = True
+    return mask
+
+
+def selected_outputs(layer, indices, height, width):
+    """Where the output holds only experts that selected the position:
+    with `"concat"`, each expert's channels on its selected patches; with
+    `"sum"`, the positions every expert selected. Also where no expert
+    contributes at all."""
+    pixels = expert_pixels(layer, indices, height, width)
+    channels = layer.expert_channels
+    if layer.combine == "concat":
+        selected = np.repeat(np.moveaxis(pixels, 1, -1), channels, axis=-1)
+        return selected, ~selected
+    shape = (*pixels.shape[:1], height, width, channels)
+    every = np.broadcast_to(pixels.all(axis=1)[..., None], shape)
+    none = np.broadcast_to(~pixels.any(axis=1)[..., None], shape)
+    return every, none
+
+
+def authors_layer(placement, kernel_size=3, gating="softmax_all", **kwargs):
+    """A layer with the authors' experts and random batch-norm statistics
+    and biases, so that a zero input gives a non-zero output."""
+    x = random_map(batch=2, height=8, width=8, channels=3)
+    config = dict(
+        num_experts=2,
+        patches_per_expert=3,
+        patch_size=(2, 4),
+        expert_filters=4,
+        expert_kernel_size=kernel_size,
+        expert_use_pre_activation=True,
+        placement=placement,
+        gating=gating,
+        router_initializer=keras.initializers.RandomNormal(stddev=0.3),
+    )
+    layer = PatchExpertChoiceMoE(**{**config, **kwargs})
+    layer.build(x.shape)
+    rng = np.random.default_rng(7)
+    for expert in layer.expert_layers:
+        bn, _, conv = expert.layers
+        bn.gamma.assign(rng.uniform(0.5, 1.5, size=3))
+        bn.beta.assign(rng.normal(size=3))
+        bn.moving_mean.assign(rng.normal(size=3))
+        bn.moving_variance.assign(rng.uniform(0.5, 2.0, size=3))
+        conv.bias.assign(rng.normal(size=4))
+    return layer, x
+
+
+AUTHORS_CASES = [
+    ("softmax_all", "concat", 3),
+    ("softmax", "sum", 3),
+    ("hard", "concat", 1),
+    ("softmax_all", "concat", (3, 5)),
+]
+
+
+@pytest.mark.parametrize("gating, combine, kernel_size", AUTHORS_CASES)
+def test_masked_placement_is_the_authors_computation(
+    gating, combine, kernel_size
+):
+    layer, x = authors_layer(
+        "masked", kernel_size=kernel_size, gating=gating, combine=combine
+    )
+    expected = authors_reference(layer, x, gating)
+    outputs = ops.convert_to_numpy(layer(x, training=False))
+    np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4)
+    # Positions no expert selected are not zero: the expert's response to
+    # a zero input and to neighbouring selected pixels.
+    indices = ops.convert_to_numpy(layer.route(x)["indices"])
+    _, unselected = selected_outputs(layer, indices, 8, 8)
+    assert np.mean(np.abs(expected[unselected]) > 1e-3) > 0.5
+
+
+@pytest.mark.parametrize("gating, combine, kernel_size", AUTHORS_CASES)
+def test_halo_placement_matches_the_authors_on_selected_patches(
+    gating, combine, kernel_size
+):
+    layer, x = authors_layer(
+        "halo", kernel_size=kernel_size, gating=gating, combine=combine
+    )
+    expected = authors_reference(layer, x, gating)
+    outputs, routing = layer(x, return_routing=True, training=False)
+    outputs = ops.convert_to_numpy(outputs)
+    indices = ops.convert_to_numpy(routing["indices"])
+    selected, unselected = selected_outputs(layer, indices, 8, 8)
+    assert np.any(selected) and np.any(unselected)
+    np.testing.assert_allclose(
+        outputs[selected], expected[selected], rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_array_equal(outputs[unselected], 0.0)
+    # Eq. 1's placement (each patch alone, gate after the expert) differs
+    # from the authors' on the same selected patches, except with gates of
+    # 1 and 1x1 kernels.
+    if gating == "hard" and kernel_size == 1:
+        return
+    eq1 = PatchExpertChoiceMoE.from_config(
+        {**layer.get_config(), "placement": "patch"}
+    )
+    eq1.build(x.shape)
+    eq1.set_weights(layer.get_weights())
+    eq1_out = ops.convert_to_numpy(eq1(x, training=False))
+    assert np.max(np.abs(eq1_out - expected)[selected]) > 1e-2
+
+
+class RecordingBatchNormalization(keras.layers.BatchNormalization):
+    """A batch normalization that records the shape of every batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen_shapes = []
+
+    def call(self, inputs, training=None):
+        self.seen_shapes.append(tuple(inputs.shape))
+        return super().call(inputs, training=training)
+
+
+@pytest.mark.parametrize(
+    "placement, seen",
+    [
+        # The whole 16x16 map.
+        ("masked", (2, 16, 16, 3)),
+        # batch * l windows: 4x4 patches with a 1-pixel halo for 3x3.
+        ("halo", (2 * 2, 6, 6, 3)),
+    ],
+)
+def test_where_the_experts_run(placement, seen):
+    x = random_map(batch=2, height=16, width=16, channels=3)
+    experts = [
+        keras.Sequential(
+            [
+                RecordingBatchNormalization(),
+                keras.layers.ReLU(),
+                keras.layers.Conv2D(4, 3, padding="same"),
+            ]
+        )
+        for _ in range(4)
+    ]
+    layer = PatchExpertChoiceMoE(
+        num_experts=4,
+        patches_per_expert=2,
+        patch_size=4,
+        experts=experts,
+        placement=placement,
+    )
+    assert tuple(layer(x).shape) == (2, 16, 16, 16)
+    for expert in experts:
+        assert expert.layers[0].seen_shapes == [seen]
+
+
+def test_ties_go_to_the_lower_patch_index():
+    # Integer maps and routers: routing values are exact integers, with
+    # ties, on every backend.
+    values = np.array(
+        [[3, 5, 5, 1, 5, 2, 5, 0, 3], [4, 4, 4, 4, 4, 4, 4, 4, 4]], "float32"
+    )
+    x = np.stack([values, -values], axis=-1).reshape(2, 3, 3, 2)
+    layer = PatchExpertChoiceMoE(
+        num_experts=3,
+        patches_per_expert=4,
+        patch_size=1,
+        expert_filters=2,
+        expert_kernel_size=1,
+        gating="softmax_all",
+    )
+    layer.build(x.shape)
+    # Expert 0 scores the values, expert 1 their negatives (1x1 patches of
+    # 2 channels: (value, -value)), expert 2 scores every patch 0.
+    layer.router.assign(np.array([[1, -1, 0], [0, 0, 0]], "float32"))
+    routing = layer.route(x)
+    scores = ops.convert_to_numpy(routing["routing_values"])
+    expected = np.argsort(-scores.transpose(0, 2, 1), kind="stable")[..., :4]
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(routing["indices"]), expected
+    )
+    np.testing.assert_array_equal(
+        expected[0], [[1, 2, 4, 6], [7, 3, 5, 0], [0, 1, 2, 3]]
+    )
+    # Equal values, equal gates; the outputs follow the same patches.
+    gates = ops.convert_to_numpy(routing["gates"])
+    np.testing.assert_allclose(gates[1], np.full((3, 4), 1 / 9), rtol=1e-6)
+    for placement in ("patch", "halo"):
+        tied = PatchExpertChoiceMoE.from_config(
+            {**layer.get_config(), "placement": placement}
+        )
+        tied.build(x.shape)
+        tied.set_weights(layer.get_weights())
+        outputs = ops.convert_to_numpy(tied(x))
+        zero = np.all(outputs.reshape(2, 9, 3, 2) == 0, axis=-1)
+        # Expert 2 (all scores equal) fills patches 0-3 of both maps.
+        np.testing.assert_array_equal(zero[:, :, 2], [np.arange(9) >= 4] * 2)
+
+
+@pytest.mark.parametrize("placement", ["patch", "masked", "halo"])
+@pytest.mark.parametrize(
+    "shape, received",
+    [
+        ((2, 16, 16, 3), "height 16, width 16 and 3 channels"),
+        ((2, 8, 8, 5), "height 8, width 8 and 5 channels"),
+    ],
+)
+def test_inputs_of_another_size_than_built_are_rejected(
+    placement, shape, received
+):
+    layer = PatchExpertChoiceMoE(2, 2, 4, expert_filters=4, placement=placement)
+    layer(random_map(batch=2, height=8, width=8, channels=3))
+    built = "built for inputs of height 8, width 8 and 3 channels"
+    x = np.zeros(shape, "float32")
+    for run in (layer, layer.route):
+        with pytest.raises(ValueError, match=built) as error:
+            run(x)
+        assert received in str(error.value)
+    with pytest.raises(ValueError, match=received):
+        layer(keras.Input(shape[1:]))
+
+
+@pytest.mark.parametrize("placement", ["masked", "halo"])
+def test_layer_contract_with_the_authors_experts(tmp_path, placement):
+    run_layer_test(
+        PatchExpertChoiceMoE,
+        dict(
+            num_experts=2,
+            patches_per_expert=2,
+            patch_size=2,
+            expert_filters=3,
+            expert_use_pre_activation=True,
+            expert_batch_norm_momentum=0.9,
+            expert_batch_norm_epsilon=1e-5,
+            placement=placement,
+            gating="softmax_all",
+            router_initializer=keras.initializers.RandomNormal(stddev=1e-4),
+            expert_kernel_initializer="glorot_uniform",
+        ),
+        random_map(batch=4, height=4, width=4, channels=2),
+        expected_output_shape=(4, 4, 4, 6),
+        tmp_path=tmp_path,
+    )
+
+
+def test_halo_layer_contract_with_custom_experts(tmp_path):
+    experts = [
+        keras.Sequential(
+            [
+                keras.layers.LayerNormalization(),
+                keras.layers.Activation("gelu"),
+                keras.layers.Conv2D(3, 3, padding="same", dilation_rate=2),
+            ]
+        ),
+        keras.layers.Conv2D(3, (1, 3), padding="same", activation="relu"),
+    ]
+    run_layer_test(
+        PatchExpertChoiceMoE,
+        dict(
+            num_experts=2,
+            patches_per_expert=2,
+            patch_size=2,
+            experts=experts,
+            placement="halo",
+            combine="sum",
+        ),
+        random_map(batch=4, height=4, width=4, channels=2),
+        expected_output_shape=(4, 4, 4, 3),
+        tmp_path=tmp_path,
+        run_mixed_precision=False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -298,6 +671,61 @@ def test_compiles_under_xla():
         ),
         (dict(experts=["conv", "conv"], expert_filters=None), "experts"),
         (dict(data_format="NHWC"), "data_format"),
+        (dict(placement="dense"), "placement='dense'"),
+        (dict(expert_use_bias=1), "expert_use_bias=1"),
+        (
+            dict(expert_use_pre_activation="yes"),
+            "expert_use_pre_activation='yes'",
+        ),
+        (
+            dict(expert_batch_norm_momentum=1.5),
+            "expert_batch_norm_momentum=1.5",
+        ),
+        (dict(expert_batch_norm_epsilon=0), "expert_batch_norm_epsilon=0"),
+        (
+            dict(
+                placement="halo",
+                experts=[
+                    keras.layers.Conv2D(2, 3, padding="same"),
+                    keras.layers.Conv2D(2, 3, name="valid_conv"),
+                ],
+            ),
+            "expert 1 \\('valid_conv'\\) is not.*padding='valid'",
+        ),
+        (
+            dict(
+                placement="halo",
+                experts=[
+                    keras.layers.Conv2D(2, 3, strides=2, padding="same"),
+                    keras.layers.Conv2D(2, 3, padding="same"),
+                ],
+            ),
+            "strides=\\(2, 2\\)",
+        ),
+        (
+            dict(
+                placement="halo",
+                experts=[
+                    keras.Sequential(
+                        [
+                            keras.layers.MaxPooling2D(
+                                3, 1, "same", name="pool"
+                            ),
+                            keras.layers.Conv2D(2, 3, padding="same"),
+                        ]
+                    ),
+                    keras.layers.Conv2D(2, 3, padding="same"),
+                ],
+            ),
+            "'pool' \\(MaxPooling2D\\) is not a position-wise layer",
+        ),
+        (
+            dict(
+                placement="halo",
+                experts=[keras.layers.Dense(2), keras.layers.Dense(2)],
+            ),
+            "does not end in a Conv2D",
+        ),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -354,10 +782,18 @@ def test_invalid_inputs(kwargs, shape, match):
     keras.backend.backend() != "torch", reason="torch.export only"
 )
 @pytest.mark.parametrize(
-    "gating, combine",
-    [("softmax", "concat"), ("softmax_all", "sum"), ("hard", "concat")],
+    "gating, combine, placement",
+    [
+        ("softmax", "concat", "patch"),
+        ("softmax_all", "sum", "patch"),
+        ("hard", "concat", "patch"),
+        ("softmax_all", "concat", "masked"),
+        ("softmax_all", "concat", "halo"),
+    ],
 )
-def test_torch_export_keeps_the_batch_size_dynamic(tmp_path, gating, combine):
+def test_torch_export_keeps_the_batch_size_dynamic(
+    tmp_path, gating, combine, placement
+):
     import torch
 
     inputs = keras.Input((8, 8, 4))
@@ -366,6 +802,8 @@ def test_torch_export_keeps_the_batch_size_dynamic(tmp_path, gating, combine):
         patches_per_expert=2,
         patch_size=2,
         expert_filters=5,
+        expert_use_pre_activation=placement != "patch",
+        placement=placement,
         gating=gating,
         combine=combine,
     )(inputs, return_routing=True)

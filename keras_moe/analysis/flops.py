@@ -92,17 +92,38 @@ def layer_macs(layer, input_shape):
     if isinstance(layer, SparseGatingHeads):
         return sum(layer_macs(head, input_shape) for head in layer.heads)
     if isinstance(layer, PatchExpertChoiceMoE):
-        # Routing values for every patch, then each expert on l patches.
+        # Routing values for every patch, then the experts: on l patches
+        # each ("patch"), on the whole masked map ("masked"), or their
+        # convolutions' outputs on l patches ("halo").
         routing = layer.num_patches * layer.patch_dim * layer.num_experts
-        patch = (
-            None,
-            *layer.patch_size,
-            layer.patch_dim // int(np.prod(layer.patch_size)),
-        )
-        experts = sum(
-            layer.patches_per_expert * layer_macs(expert, patch)
-            for expert in layer.expert_layers
-        )
+        if layer.placement == "masked":
+            experts = sum(
+                layer_macs(expert, (None, *layer.map_shape))
+                for expert in layer.expert_layers
+            )
+        elif layer.placement == "halo":
+            convs = [
+                expert.layers[-1]
+                if isinstance(expert, keras.Sequential)
+                else expert
+                for expert in layer.expert_layers
+            ]
+            experts = sum(
+                layer.patches_per_expert
+                * float(np.prod(layer.patch_size))
+                * float(np.prod(conv.kernel.shape))
+                for conv in convs
+            )
+        else:
+            patch = (
+                None,
+                *layer.patch_size,
+                layer.patch_dim // int(np.prod(layer.patch_size)),
+            )
+            experts = sum(
+                layer.patches_per_expert * layer_macs(expert, patch)
+                for expert in layer.expert_layers
+            )
         return routing + experts
     if isinstance(layer, MixtureOfExperts):
         features = (None, int(np.prod(input_shape[1:])))

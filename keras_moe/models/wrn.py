@@ -1,3 +1,5 @@
+import copy
+
 import keras
 
 from keras_moe.layers import PatchExpertChoiceMoE
@@ -39,11 +41,27 @@ class WideResNet(BuilderModel):
     `expert_filters` is set to `64 * k / num_experts` (`"concat"`) or
     `64 * k` (`"sum"`).
 
-    The authors' public code (nowazrabbani/pMoE_CNN) differs in two ways:
-    it drops the last block's shortcut and puts batch normalization and
-    ReLU inside each expert, after routing. Here the WRN block is kept
-    intact and only its convolution is swapped, so that the two models
-    differ in that one layer.
+    `architecture="authors"` builds the network of the authors' public
+    code (nowazrabbani/pMoE_CNN) instead, parameter for parameter. Its
+    convolutions have biases and Glorot-uniform kernels (Keras' defaults);
+    the first block of every group has a 1x1 convolution shortcut (with
+    the group's stride) of the block's input as it comes, before batch
+    normalization. In WRN-pMoE the third group is replaced by batch
+    normalization, ReLU and a 3x3 convolution with `64 * k` filters and
+    stride 2, followed by the `PatchExpertChoiceMoE` and then the final
+    batch normalization: no shortcut and no addition around the MoE, and
+    any number of output channels. There, `pmoe` arguments left out take
+    the authors' values: `placement="masked"` (each expert runs on the
+    input map times its gate map), `expert_use_pre_activation=True` (batch
+    normalization and ReLU in each expert, after the gate),
+    `gating="softmax_all"`, routers drawn from a normal distribution with
+    standard deviation 1e-4 (each gate starts near `1 / n`), and experts
+    with biases and Glorot-uniform kernels. `placement="halo"` computes
+    the same on the selected patches at a fraction of the cost (see
+    `PatchExpertChoiceMoE`). The authors ran WRN-10 only; at greater
+    depths the third group is replaced all the same, as their code does.
+    Their classifier ends in a softmax (CelebA's binary task: a single
+    logit); here it returns logits, for a loss with `from_logits=True`.
 
     Parameters of the swapped layer, in the paper's two configurations
     (`k = 10`): the replaced convolution has 3 * 3 * 640 * 640 = 3,686,400
@@ -62,7 +80,14 @@ class WideResNet(BuilderModel):
         num_classes: int, the number of classes.
         input_shape: tuple, the image shape `(height, width, channels)`.
         pmoe: `None` for the plain WRN, or a dict of `PatchExpertChoiceMoE`
-            constructor arguments for WRN-pMoE.
+            constructor arguments for WRN-pMoE. Without `expert_filters`
+            or `experts`, `expert_filters` follows the width (`64 * k /
+            num_experts`, or `64 * k` with `combine="sum"`). The experts'
+            batch normalization takes the network's momentum and epsilon
+            unless `pmoe` sets them.
+        architecture: `"paper"` (the pre-activation WRN with only its last
+            convolution swapped) or `"authors"` (the network of the
+            authors' public code), see above.
         dropout_rate: float in `[0, 1)`, dropout between the two
             convolutions of every block (0 for none).
         batch_norm_momentum: float, the momentum of every batch
@@ -97,6 +122,7 @@ class WideResNet(BuilderModel):
         num_classes=10,
         input_shape=(32, 32, 3),
         pmoe=None,
+        architecture="paper",
         dropout_rate=0.0,
         batch_norm_momentum=BATCH_NORM_MOMENTUM,
         batch_norm_epsilon=BATCH_NORM_EPSILON,
@@ -112,6 +138,12 @@ class WideResNet(BuilderModel):
                 "`pmoe` must be None or a dict of PatchExpertChoiceMoE "
                 f"constructor arguments. Received: pmoe={pmoe!r}"
             )
+        if architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"`architecture` must be one of {list(ARCHITECTURES)}. "
+                f"Received: architecture={architecture!r}"
+            )
+        authors = architecture == "authors"
         if (
             isinstance(dropout_rate, bool)
             or not isinstance(dropout_rate, (int, float))
@@ -129,25 +161,50 @@ class WideResNet(BuilderModel):
         pmoe_layer = None
         if pmoe is not None:
             pmoe_args = dict(pmoe)
+            if authors:
+                pmoe_args = {**copy.deepcopy(_AUTHORS_PMOE), **pmoe_args}
             if "expert_filters" not in pmoe_args and "experts" not in (
                 pmoe_args
             ):
                 pmoe_args["expert_filters"] = _default_expert_filters(
                     pmoe_args, widths[-1]
                 )
+            pmoe_args.setdefault("expert_batch_norm_momentum", bn[0])
+            pmoe_args.setdefault("expert_batch_norm_epsilon", bn[1])
             pmoe_args.setdefault("name", "pmoe")
             pmoe_args.setdefault("dtype", dtype)
             pmoe_layer = PatchExpertChoiceMoE(**pmoe_args)
+        conv = _authors_conv if authors else _conv
 
         # === Functional Model ===
         images = keras.Input(input_shape, name="images")
-        x = _conv(images, 16, 3, 1, dtype, "stem_conv")
+        x = conv(images, 16, 3, 1, dtype, "stem_conv")
         num_blocks = 3 * blocks_per_group
         index = 0
         for group, width in enumerate(widths):
+            if authors and pmoe_layer is not None and group == 2:
+                # The authors' WRN-pMoE: BN -> ReLU -> conv(stride 2) in
+                # place of the third group, then the MoE.
+                x = _bn_relu(x, dtype, bn, f"block{index + 1}_1")
+                x = conv(x, width, 3, 2, dtype, f"block{index + 1}_conv1")
+                pmoe_layer.build(x.shape)
+                x = pmoe_layer(x)
+                break
             for block in range(blocks_per_group):
                 index += 1
                 strides = 2 if group > 0 and block == 0 else 1
+                if authors:
+                    x = _authors_block(
+                        x,
+                        width,
+                        strides,
+                        block == 0,
+                        dropout_rate,
+                        dtype,
+                        bn,
+                        f"block{index}",
+                    )
+                    continue
                 x = _block(
                     x,
                     width,
@@ -170,6 +227,7 @@ class WideResNet(BuilderModel):
         self.num_classes = num_classes
         self.image_shape = input_shape
         self.pmoe = None if pmoe is None else dict(pmoe)
+        self.architecture = architecture
         self.dropout_rate = dropout_rate
         self.batch_norm_momentum, self.batch_norm_epsilon = bn
 
@@ -197,6 +255,7 @@ class WideResNet(BuilderModel):
             "num_classes": self.num_classes,
             "input_shape": self.image_shape,
             "pmoe": pmoe,
+            "architecture": self.architecture,
             "dropout_rate": self.dropout_rate,
             "batch_norm_momentum": self.batch_norm_momentum,
             "batch_norm_epsilon": self.batch_norm_epsilon,
@@ -216,7 +275,13 @@ class WideResNet(BuilderModel):
 
     @classmethod
     def from_preset(cls, preset, **overrides):
-        """Builds a named configuration of the paper.
+        """Builds a named configuration of the paper or the authors' code.
+
+        Overrides compose with the preset: values derived from a width
+        (the experts' filters, the authors' last convolution) follow an
+        overridden `widening_factor`, and a `pmoe` dict updates the
+        preset's pMoE arguments instead of replacing them (`pmoe=None`
+        builds the plain network).
 
         Args:
             preset: a name from `keras_moe.models.WRN_PRESETS`.
@@ -224,7 +289,21 @@ class WideResNet(BuilderModel):
 
         Returns:
             A `WideResNet`.
+
+        Example:
+
+        ```python
+        model = keras_moe.models.WideResNet.from_preset(
+            "wrn10_10_pmoe_cifar10", widening_factor=1,
+            pmoe=dict(gating="hard"))
+        model.pmoe_layer.expert_filters  # 16
+        model.pmoe_layer.gating  # 'hard'
+        ```
         """
+        pmoe = overrides.get("pmoe")
+        preset_pmoe = WRN_PRESETS.get(preset, {}).get("pmoe")
+        if isinstance(pmoe, dict) and preset_pmoe is not None:
+            overrides = {**overrides, "pmoe": {**preset_pmoe, **pmoe}}
         return build_preset(cls, WRN_PRESETS, preset, overrides)
 
 
@@ -236,6 +315,19 @@ def _conv(x, filters, kernel_size, strides, dtype, name):
         padding="same",
         use_bias=False,
         kernel_initializer="he_normal",
+        dtype=dtype,
+        name=name,
+    )(x)
+
+
+def _authors_conv(x, filters, kernel_size, strides, dtype, name):
+    """A convolution of the authors' code: Keras' defaults, bias and
+    Glorot-uniform kernel."""
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
         dtype=dtype,
         name=name,
     )(x)
@@ -274,6 +366,23 @@ def _block(x, width, strides, dropout_rate, dtype, bn, name, pmoe_layer, pmoe):
                 f"Received: pmoe={pmoe!r}"
             )
         y = pmoe_layer(y)
+    return keras.layers.Add(dtype=dtype, name=f"{name}_add")([shortcut, y])
+
+
+def _authors_block(x, width, strides, first, dropout_rate, dtype, bn, name):
+    """A block of the authors' code: the first of its group has a 1x1
+    convolution shortcut of the block's input, not pre-activated."""
+    y = _bn_relu(x, dtype, bn, f"{name}_1")
+    y = _authors_conv(y, width, 3, strides, dtype, f"{name}_conv1")
+    y = _bn_relu(y, dtype, bn, f"{name}_2")
+    if dropout_rate:
+        y = keras.layers.Dropout(
+            dropout_rate, dtype=dtype, name=f"{name}_dropout"
+        )(y)
+    y = _authors_conv(y, width, 3, 1, dtype, f"{name}_conv2")
+    shortcut = x
+    if first:
+        shortcut = _authors_conv(x, width, 1, strides, dtype, f"{name}_proj")
     return keras.layers.Add(dtype=dtype, name=f"{name}_add")([shortcut, y])
 
 
@@ -324,11 +433,27 @@ def _validate(depth, widening_factor, num_classes, input_shape):
         )
 
 
+ARCHITECTURES = ("paper", "authors")
+
+# The pMoE layer of the authors' code (gater_2.py, wideresnet_moe.py).
+_AUTHORS_PMOE = dict(
+    placement="masked",
+    expert_use_pre_activation=True,
+    gating="softmax_all",
+    router_initializer={
+        "class_name": "RandomNormal",
+        "config": {"mean": 0.0, "stddev": 1e-4},
+    },
+    expert_kernel_initializer="glorot_uniform",
+    expert_use_bias=True,
+)
+# Keras' batch normalization defaults, which the authors' code keeps.
+_AUTHORS_BATCH_NORM = dict(batch_norm_momentum=0.99, batch_norm_epsilon=1e-3)
+
 _CELEBA_PMOE = dict(
     num_experts=8,
     patches_per_expert=2,
     patch_size=4,
-    expert_filters=80,
     expert_kernel_size=3,
     gating="softmax",
     combine="concat",
@@ -337,10 +462,20 @@ _CIFAR10_PMOE = dict(
     num_experts=4,
     patches_per_expert=16,
     patch_size=1,
-    expert_filters=160,
     expert_kernel_size=1,
     gating="softmax",
     combine="concat",
+)
+_AUTHORS_CELEBA = dict(
+    depth=10,
+    widening_factor=10,
+    num_classes=4,
+    input_shape=(64, 64, 3),
+    architecture="authors",
+    **_AUTHORS_BATCH_NORM,
+)
+_AUTHORS_CIFAR10 = dict(
+    _AUTHORS_CELEBA, num_classes=10, input_shape=(32, 32, 3)
 )
 
 WRN_PRESETS = {
@@ -364,11 +499,52 @@ WRN_PRESETS = {
         input_shape=(32, 32, 3),
         pmoe=_CIFAR10_PMOE,
     ),
+    "authors_wrn10_10_celeba": _AUTHORS_CELEBA,
+    "authors_wrn10_10_pmoe_celeba": dict(
+        _AUTHORS_CELEBA,
+        pmoe=dict(
+            num_experts=8,
+            patches_per_expert=2,
+            patch_size=4,
+            expert_kernel_size=3,
+        ),
+    ),
+    "authors_wrn10_10_cifar10": _AUTHORS_CIFAR10,
+    "authors_wrn10_10_pmoe_cifar10": dict(
+        _AUTHORS_CIFAR10,
+        pmoe=dict(
+            num_experts=4,
+            patches_per_expert=16,
+            patch_size=1,
+            expert_kernel_size=1,
+        ),
+    ),
+    "authors_wrn10_10_pmoe_cifar10_imagenet_noise": dict(
+        _AUTHORS_CIFAR10,
+        pmoe=dict(
+            num_experts=4,
+            patches_per_expert=2,
+            patch_size=1,
+            expert_kernel_size=1,
+        ),
+    ),
 }
 """Named WRN and WRN-pMoE configurations of the pMoE paper (section 5.2
-and appendix A): WRN-10-10 on CelebA 64x64 (binary "smiling"; pass
-`num_classes=4` for the four-class task) and on CIFAR-10 32x32, each plain
-and with the last convolution replaced by a `PatchExpertChoiceMoE`
-(CelebA: 4x4 patches, 8 experts, 2 patches each, 3x3 experts with 80
-filters; CIFAR-10: 1x1 patches, 4 experts, 16 patches each, 1x1 experts
-with 160 filters; joint training with softmax gating)."""
+and appendix A).
+
+The paper-text variants, `wrn10_10_*`: WRN-10-10 on CelebA 64x64 (binary
+"smiling"; pass `num_classes=4` for the four-class task) and on CIFAR-10
+32x32, each plain and with the last convolution replaced by a
+`PatchExpertChoiceMoE` (CelebA: 4x4 patches, 8 experts, 2 patches each, 3x3
+experts; CIFAR-10: 1x1 patches, 4 experts, 16 patches each, 1x1 experts;
+the experts' filters share the width, 80 and 160 at `widening_factor=10`;
+joint training with softmax gating).
+
+The authors' networks, `authors_wrn10_10_*`: the networks of the authors'
+public code (`architecture="authors"`), parameter for parameter, with
+their batch normalization (Keras' defaults, momentum 0.99 and epsilon
+1e-3), gating (`"softmax_all"`), router initialisation (normal, standard
+deviation 1e-4) and biases: CelebA's four-class task (7,439,396 and
+7,333,796 parameters) and CIFAR-10 (7,443,242 and 3,971,242), with
+16 patches per expert as in their original-CIFAR-10 experiment, or 2 in
+their CIFAR-10-with-ImageNet-noise one."""
