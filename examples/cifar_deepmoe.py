@@ -126,7 +126,9 @@ def main(argv=None):
         network, train, test, args, metrics=["accuracy"], gated=gated
     )
     logs = model.evaluate(test, return_dict=True, verbose=0)
-    figures = ["curves.png"]
+    # The trained network, for `keras.saving.load_model`.
+    network.save(os.path.join(args.output_dir, "model.keras"))
+    figures = ["model.keras", "curves.png"]
     if gated:
         gates, labels = analysis.collect_gates(network, test)
         flops, stats = _common.gate_report(

@@ -50,8 +50,10 @@ def gated_resnet(seed=0):
     "strategy, compiled",
     [
         ("union", True),
+        ("grouped", True),
         ("per_example", True),
         ("union", False),
+        ("grouped", False),
         ("per_example", False),
     ],
 )
@@ -143,11 +145,10 @@ def pattern(active, batch=2, channels=8):
     return gates
 
 
-@pytest.mark.parametrize("copy_weights", [True, False])
-def test_compiles_once_per_channel_count(copy_weights):
+def test_compiles_once_per_channel_count():
     model = gated_pair()
     x = np.random.default_rng(6).random((2, 6, 6, 3)).astype("float32")
-    predictor = SparsePredictor(model, copy_weights=copy_weights)
+    predictor = SparsePredictor(model)
     patterns = [[0, 3, 5], [1, 2, 7], [0, 3, 5], [0, 1, 2, 3, 4]]
     for i, active in enumerate(patterns):
         g = pattern(active)
@@ -187,12 +188,11 @@ def test_count_buckets_pad_with_zero_gates():
     )
 
 
-@pytest.mark.parametrize("copy_weights", [True, False])
-def test_outputs_follow_changed_weights(copy_weights):
+def test_outputs_follow_changed_weights():
     model = gated_pair()
     x = np.random.default_rng(9).random((2, 6, 6, 3)).astype("float32")
     g = pattern([2, 3, 6])
-    predictor = SparsePredictor(model, copy_weights=copy_weights)
+    predictor = SparsePredictor(model)
     before = predictor.predict([x, g])
     rng = np.random.default_rng(10)
     # Positive values keep the batch-norm variances valid.
@@ -207,7 +207,21 @@ def test_outputs_follow_changed_weights(copy_weights):
     np.testing.assert_allclose(
         after, to_numpy(model([x, g])), rtol=1e-4, atol=1e-4
     )
-    assert predictor.cache_info()["reloads"] == int(copy_weights)
+
+
+def test_outputs_follow_batch_norm_statistics_changed_by_training():
+    model = gated_pair()
+    x = np.random.default_rng(12).random((4, 6, 6, 3)).astype("float32")
+    g = pattern([1, 2, 5], batch=4)
+    predictor = SparsePredictor(model)
+    before = predictor.predict([x, g])
+    # Training-mode passes move the moving statistics (and nothing else).
+    for _ in range(10):
+        model([x * 3.0 + 1.0, g], training=True)
+    after = predictor.predict([x, g])
+    dense = to_numpy(model([x, g], training=False))
+    assert np.abs(dense - before).max() > 1e-2
+    np.testing.assert_allclose(after, dense, rtol=1e-4, atol=1e-4)
 
 
 def test_sparse_predict_reuses_its_compiled_networks():
@@ -217,9 +231,9 @@ def test_sparse_predict_reuses_its_compiled_networks():
         sparse_predict(model, [x, pattern(active)])
     predictor = SparsePredictor(model)
     assert predictor.cache_info()["compiled"] == 0
-    from keras_moe.models import sparse_inference
+    from keras_moe.models.sparse import predictor as sparse
 
-    kept = sparse_inference._predictor(model, "union").cache_info()
+    kept = sparse._predictor(model, "union").cache_info()
     assert (kept["misses"], kept["hits"]) == (1, 1)
 
 
@@ -238,9 +252,208 @@ def test_invalid_arguments():
         SparsePredictor(model, count_buckets=0)
     with pytest.raises(ValueError, match="max_cached=-1"):
         SparsePredictor(model, max_cached=-1)
-    with pytest.raises(ValueError, match="copy_weights=1"):
-        SparsePredictor(model, copy_weights=1)
+    with pytest.raises(ValueError, match="max_groups=0"):
+        SparsePredictor(model, strategy="grouped", max_groups=0)
     inputs = keras.Input((4,))
     plain = keras.Model(inputs, keras.layers.Dense(2)(inputs))
     with pytest.raises(ValueError, match="no GatedConv2D"):
         SparsePredictor(plain)
+
+
+def between(layer_fn, channels=8, groups=1, seed=13):
+    """conv -> `layer_fn` -> gated conv, with the gates as an input."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6, 6, 4))
+    gates = keras.Input((channels,))
+    y = keras.layers.Conv2D(channels, 3, padding="same", name="producer")(
+        inputs
+    )
+    y = layer_fn(y)
+    y = GatedConv2D(
+        4, 3, padding="same", groups=groups, use_bias=True, name="gated"
+    )(y, gates)
+    return keras.Model([inputs, gates], y)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize(
+    "name, layer_fn, groups",
+    [
+        ("grouped gated conv", lambda y: y, 2),
+        ("softmax between", lambda y: keras.layers.Activation("softmax")(y), 1),
+        ("pooling between", lambda y: keras.layers.MaxPooling2D(2)(y), 1),
+        (
+            "depthwise between",
+            lambda y: keras.layers.DepthwiseConv2D(3, padding="same")(y),
+            1,
+        ),
+    ],
+)
+def test_layers_between_and_grouped_gated_convs(
+    name, layer_fn, groups, compiled
+):
+    model = between(layer_fn, groups=groups)
+    x = np.random.default_rng(14).random((3, 6, 6, 4)).astype("float32")
+    g = pattern([0, 3, 6], batch=3)
+    sparse = sparse_predict(model, [x, g], compiled=compiled)
+    np.testing.assert_allclose(
+        to_numpy(sparse), to_numpy(model([x, g])), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_all_gates_zero_in_a_model(compiled):
+    model = between(keras.layers.ReLU())
+    x = np.random.default_rng(15).random((2, 6, 6, 4)).astype("float32")
+    g = np.zeros((2, 8), "float32")
+    sparse = sparse_predict(model, [x, g], compiled=compiled)
+    np.testing.assert_allclose(
+        to_numpy(sparse), to_numpy(model([x, g])), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_chained_gated_layers_compute_both_ends_thinned():
+    from tests.test_flops import chain_model
+
+    model = chain_model()
+    x = np.random.default_rng(16).random((2, 6, 6, 2)).astype("float32")
+    (heads,) = [
+        layer for layer in model.layers if isinstance(layer, SparseGatingHeads)
+    ]
+    kernel = -np.ones((4, 4), "float32")
+    kernel[:, 1] = 1.0
+    heads.heads[1].kernel.assign(kernel)  # gate B keeps channel 1 only
+    dense = to_numpy(model(x))
+    for compiled in (True, False):
+        sparse, channels = sparse_predict(
+            model, x, compiled=compiled, return_channels=True
+        )
+        np.testing.assert_allclose(
+            to_numpy(sparse["logits"]), dense["logits"], rtol=1e-4, atol=1e-4
+        )
+        # A computes the one output B reads.
+        assert channels[0]["a/outputs"] == (1, 4)
+        assert channels[0]["b"] == (1, 4)
+
+
+def test_wrong_input_shapes_and_empty_batches():
+    model = gated_resnet()
+    with pytest.raises(ValueError, match=r"\(batch, 8, 8, 3\)"):
+        sparse_predict(model, np.zeros((2, 16, 16, 3), "float32"))
+    with pytest.raises(ValueError, match=r"\(2, 8, 8, 4\)"):
+        sparse_predict(model, np.zeros((2, 8, 8, 4), "float32"))
+    for compiled in (True, False):
+        empty = sparse_predict(
+            model, np.zeros((0, 8, 8, 3), "float32"), compiled=compiled
+        )
+        assert tuple(to_numpy(empty["logits"]).shape) == (0, 3)
+
+
+def test_gates_are_computed_per_batch():
+    model = gated_resnet()
+    predictor = SparsePredictor(model, strategy="per_example")
+    seen = []
+    gate_model = predictor._gate_model
+    original = gate_model.predict_on_batch
+
+    def record(inputs):
+        seen.append(len(inputs[0]))
+        return original(inputs)
+
+    gate_model.predict_on_batch = record
+    x = np.random.default_rng(17).random((5, 8, 8, 3)).astype("float32")
+    out = predictor.predict(x, batch_size=2)
+    assert seen == [2, 2, 1]
+    np.testing.assert_allclose(
+        out["logits"], to_numpy(model(x))["logits"], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_outputs_have_the_models_dtype():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = gated_pair()
+    keras.config.set_dtype_policy("float32")
+    x = np.random.default_rng(18).random((2, 6, 6, 3)).astype("float32")
+    g = pattern([1, 4])
+    expected = keras.backend.standardize_dtype(model.outputs[0].dtype)
+    for compiled in (True, False):
+        out = sparse_predict(model, [x, g], compiled=compiled)
+        assert keras.backend.standardize_dtype(out.dtype) == expected
+
+
+def test_group_examples_splits_by_pattern():
+    from keras_moe.models.sparse import group_examples
+
+    a = np.array([1, 1, 0, 0], bool)
+    b = np.array([0, 0, 1, 1], bool)
+    masks = [np.stack([a, b, a, b, a])]
+    groups = group_examples(masks, np.ones(1), max_groups=2)
+    assert sorted(map(list, groups)) == [[0, 2, 4], [1, 3]]
+    assert len(group_examples(masks, np.ones(1), max_groups=1)) == 1
+
+
+def calibrated_network():
+    from keras_moe.models import DeepMoEResNet
+
+    network = DeepMoEResNet(
+        8, num_classes=3, input_shape=(16, 16, 3), embedding_layers=2
+    )
+    heads = network.get_layer("gating_heads")
+    rng = np.random.default_rng(19)
+    for head in heads.heads:
+        kernel = rng.normal(0.0, 1.0, head.kernel.shape).astype("float32")
+        kernel[:, ::3] = -5.0  # never active
+        head.kernel.assign(kernel)
+    return network
+
+
+def gated_of(model):
+    return [layer for layer in model.layers if isinstance(layer, GatedConv2D)]
+
+
+def test_prune_inactive_channels(tmp_path):
+    from keras_moe.analysis import flop_report
+    from keras_moe.models import prune_inactive_channels
+
+    network = calibrated_network()
+    x = np.random.default_rng(20).random((8, 16, 16, 3)).astype("float32")
+    pruned = prune_inactive_channels(network, x)
+    np.testing.assert_allclose(
+        to_numpy(pruned(x)), to_numpy(network(x)), rtol=1e-4, atol=1e-4
+    )
+    # A third of the gated channels are gone, with their producers' outputs.
+    assert pruned.count_params() < 0.85 * network.count_params()
+    assert (
+        flop_report(pruned).dense_macs < 0.85 * flop_report(network).dense_macs
+    )
+    for old, new in zip(gated_of(network), gated_of(pruned)):
+        assert new.kernel.shape[2] <= old.kernel.shape[2] * 2 // 3 + 1
+    # Still gated where the gates vary, and a standalone model.
+    assert gated_of(pruned)
+    shared = {id(w) for w in pruned.weights} & {id(w) for w in network.weights}
+    assert not shared
+    path = str(tmp_path / "pruned.keras")
+    pruned.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        to_numpy(loaded(x)), to_numpy(pruned(x)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_pruning_drops_what_calibration_never_used():
+    from keras_moe.models import prune_inactive_channels
+
+    model = gated_pair()
+    x = np.random.default_rng(21).random((2, 6, 6, 3)).astype("float32")
+    pruned = prune_inactive_channels(model, [x, pattern([0, 1, 2])])
+    assert pruned.get_layer("gated").kernel.shape[2] == 3
+    # The same channels: the same outputs.
+    g = pattern([0, 2])
+    np.testing.assert_allclose(
+        to_numpy(pruned([x, g])), to_numpy(model([x, g])), rtol=1e-5, atol=1e-5
+    )
+    # A channel calibration never used is gone: its contribution too.
+    g = pattern([0, 5])
+    assert (
+        np.abs(to_numpy(pruned([x, g])) - to_numpy(model([x, g]))).max() > 1e-3
+    )

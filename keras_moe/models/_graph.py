@@ -6,14 +6,6 @@ from keras import tree
 
 from keras_moe.layers import GatedConv2D
 
-# Layers that act on each channel separately: a subset of their input
-# channels gives the same subset of their output channels.
-CHANNELWISE = (
-    keras.layers.BatchNormalization,
-    keras.layers.ReLU,
-    keras.layers.Activation,
-)
-
 # Element-wise activations: each output depends on its own input only.
 # (Softmax and log-softmax mix channels and are not among them.)
 ELEMENTWISE_ACTIVATIONS = frozenset(
@@ -138,25 +130,6 @@ class FunctionalGraph:
         for tensor_id in ids(model.outputs):
             # A model output is a consumer that needs every channel.
             self.consumers.setdefault(tensor_id, []).append(None)
-
-    def gated_producer(self, gated_layer):
-        """The convolution whose outputs a `GatedConv2D`'s gates select.
-
-        Follows the gated layer's input back through single-use
-        channel-wise layers; returns `None` when no plain `Conv2D` produces
-        it that way.
-        """
-        tensor = tree.flatten(gated_layer.input)[0]
-        while True:
-            if len(self.consumers.get(id(tensor), [])) != 1:
-                return None
-            layer = self.producer.get(id(tensor))
-            if isinstance(layer, CHANNELWISE):
-                tensor = layer.input
-                continue
-            if type(layer) is keras.layers.Conv2D and layer.groups == 1:
-                return layer
-            return None
 
     def gated_layers(self):
         """The `GatedConv2D` layers, in the order of `model.layers`."""

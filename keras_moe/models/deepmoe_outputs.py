@@ -143,5 +143,5 @@ def deepmoe_outputs(model):
     if probs is not None:
         outputs["embedding_probs"] = probs
     return keras.Model(
-        model.inputs, outputs, name=f"{model.name}_deepmoe_outputs"
+        model.input, outputs, name=f"{model.name}_deepmoe_outputs"
     )

@@ -176,6 +176,9 @@ class DeepMoETrainer(keras.Model):
             over the gates (see above).
         ignore_class: optional label left out of `L_b`, such as
             Cityscapes' 255 for segmentation.
+        from_logits: bool, whether the network outputs logits (the
+            default) or probabilities (a model ending in a softmax, such
+            as a converted `keras.applications` model).
         **kwargs: `keras.Model` keyword arguments.
 
     Example:
@@ -203,6 +206,7 @@ class DeepMoETrainer(keras.Model):
         mu=1.0,
         gate_reduction="mean",
         ignore_class=None,
+        from_logits=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -218,6 +222,12 @@ class DeepMoETrainer(keras.Model):
             "gate_reduction", gate_reduction, GATE_REDUCTIONS
         )
         self.ignore_class = ignore_class
+        if not isinstance(from_logits, bool):
+            raise ValueError(
+                "`from_logits` must be a bool. "
+                f"Received: from_logits={from_logits!r}"
+            )
+        self.from_logits = from_logits
         self._has_embedding_probs = "embedding_probs" in outputs.output
         if self.mu > 0 and not self._has_embedding_probs:
             raise ValueError(
@@ -250,7 +260,7 @@ class DeepMoETrainer(keras.Model):
             valid = ops.cast(keep, "float32")
             labels = ops.where(keep, y, 0)
         per_item = keras.losses.sparse_categorical_crossentropy(
-            labels, logits, from_logits=True
+            labels, logits, from_logits=self.from_logits
         )
         weights = None
         if sample_weight is not None:
@@ -391,6 +401,7 @@ class DeepMoETrainer(keras.Model):
             "mu": self.mu,
             "gate_reduction": self.gate_reduction,
             "ignore_class": self.ignore_class,
+            "from_logits": self.from_logits,
         }
 
     @classmethod
