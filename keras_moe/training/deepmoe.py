@@ -536,9 +536,9 @@ def train_two_phase(
     a single rename, so a run stopped at any point leaves the complete
     checkpoint of its last finished epoch. A checkpoint that is damaged,
     or was made by a run with another configuration (other epochs,
-    `lambda_gate`, `mu`, `gate_reduction`, `ignore_class`, batch size,
-    `seed` or `config`), raises a `CheckpointError` before anything is
-    trained.
+    `lambda_gate`, `mu`, `gate_reduction`, `ignore_class`, `from_logits`,
+    batch size, `seed` or `config`), raises a `CheckpointError` before
+    anything is trained.
 
     A `tf.data` pipeline or another iterable is used as given, and its
     order is its own: a `shuffle` or random augmentation starts again from
@@ -630,6 +630,7 @@ def train_two_phase(
         "mu": weights[1],
         "gate_reduction": trainer.gate_reduction,
         "ignore_class": trainer.ignore_class,
+        "from_logits": trainer.from_logits,
         "batch_size": (batch_size or 32) if arrays else None,
     }
     run = _checkpoint.as_json(run, "run")
