@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_moe import analysis
 from keras_moe import data
+from keras_moe.training import CheckpointError
 from keras_moe.training import DeepMoETrainer
 from keras_moe.training import paper_schedule
 from keras_moe.training import train_two_phase
@@ -149,6 +150,105 @@ def optimizer_fn(args):
     return make
 
 
+def run_config(args):
+    """What a resumed run must share with the run that it resumes: every
+    option but the folders, and the backend (the results are measurements
+    of one backend)."""
+    config = {
+        k: v
+        for k, v in sorted(vars(args).items())
+        if k not in ("output_dir", "data_dir")
+    }
+    config["backend"] = keras.backend.backend()
+    return config
+
+
+def _cannot_resume(args, directory, reason):
+    return SystemExit(
+        f"error: cannot resume the run in --output-dir {args.output_dir}: "
+        f"{reason}. Choose another --output-dir, or delete {directory} to "
+        "start again."
+    )
+
+
+def _differences(saved, given):
+    return "; ".join(
+        f"{key} {saved.get(key)!r} (this run: {given.get(key)!r})"
+        for key in sorted(set(saved) | set(given))
+        if saved.get(key) != given.get(key)
+    )
+
+
+class BaselineRecord(keras.callbacks.Callback):
+    """The configuration and history of a baseline trained with
+    `BackupAndRestore`, in `<backup>/run.json`, so that a resumed run is
+    checked against the configuration that made the backup and reports
+    every epoch."""
+
+    def __init__(self, directory, config):
+        super().__init__()
+        self.directory = directory
+        self.path = os.path.join(directory, "run.json")
+        self.config = json.loads(json.dumps(config))
+        self.history = []
+
+    def resume(self, args, epochs):
+        """Checks the backup against this run's configuration, says what
+        it resumes, and keeps the history of the epochs it holds."""
+        metadata = os.path.join(self.directory, "training_metadata.json")
+        if not os.path.exists(self.path):
+            if os.path.exists(metadata):
+                raise _cannot_resume(
+                    args,
+                    self.directory,
+                    "its backup has no run.json to tell which configuration "
+                    "made it",
+                )
+            self._write()
+            return
+        try:
+            with open(self.path) as f:
+                record = json.load(f)
+            saved, history = record["config"], record["history"]
+            done = 0
+            if os.path.exists(metadata):
+                with open(metadata) as f:
+                    done = int(json.load(f)["epoch"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise _cannot_resume(
+                args, self.directory, f"its backup is damaged ({error!r})"
+            ) from None
+        if saved != self.config:
+            raise _cannot_resume(
+                args,
+                self.directory,
+                "it was made by a run with another configuration: "
+                + _differences(saved, self.config),
+            )
+        self.history = [row for row in history if row["epoch"] <= done]
+        if done >= epochs:
+            print(
+                f"Training already complete in {self.directory}: "
+                f"{done} of {epochs} epochs done."
+            )
+        elif done:
+            print(
+                f"Resuming from {self.directory}: epoch {done + 1} of "
+                f"{epochs} ({done} done)."
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {k: float(v) for k, v in (logs or {}).items()}
+        self.history.append({**row, "epoch": epoch + 1})
+        self._write()
+
+    def _write(self):
+        os.makedirs(self.directory, exist_ok=True)
+        with open(self.path + ".tmp", "w") as f:
+            json.dump({"config": self.config, "history": self.history}, f)
+        os.replace(self.path + ".tmp", self.path)
+
+
 def train(
     network,
     train_data,
@@ -162,9 +262,12 @@ def train(
     """Trains a DeepMoE network in two phases, or a baseline with `fit`.
 
     DeepMoE networks go through `train_two_phase` (checkpoints in
-    `<output-dir>/checkpoints`, resumed when present); baselines train for
-    `joint + fine-tune` epochs with the same learning-rate schedule and
-    `BackupAndRestore` in `<output-dir>/backup`.
+    `<output-dir>/checkpoints`); baselines train for `joint + fine-tune`
+    epochs with the same learning-rate schedule and `BackupAndRestore` in
+    `<output-dir>/backup`. A run resumes from what the output directory
+    holds, and says so, only when it was made with the same options and
+    backend (`run_config`); otherwise it ends with an error that names
+    `--output-dir`.
 
     Returns:
         `(model, history)`: the compiled model to evaluate (the
@@ -172,6 +275,7 @@ def train(
     """
     schedule = paper_schedule(args.learning_rate, args.lr_boundaries)
     verbose = 2 if args.smoke else 1
+    config = run_config(args)
     if gated:
         trainer = DeepMoETrainer(
             network,
@@ -180,40 +284,51 @@ def train(
             gate_reduction=args.gate_reduction,
             ignore_class=ignore_class,
         )
-        history = train_two_phase(
-            trainer,
-            train_data,
-            joint_epochs=args.joint_epochs,
-            finetune_epochs=args.finetune_epochs,
-            optimizer_fn=optimizer_fn(args),
-            learning_rate=schedule,
-            validation_data=validation_data,
-            metrics=metrics,
-            checkpoint_dir=os.path.join(args.output_dir, "checkpoints"),
-            callbacks=[EpochTimer()],
-            verbose=verbose,
-        )
+        try:
+            history = train_two_phase(
+                trainer,
+                train_data,
+                joint_epochs=args.joint_epochs,
+                finetune_epochs=args.finetune_epochs,
+                optimizer_fn=optimizer_fn(args),
+                learning_rate=schedule,
+                validation_data=validation_data,
+                metrics=metrics,
+                checkpoint_dir=os.path.join(args.output_dir, "checkpoints"),
+                config=config,
+                callbacks=[EpochTimer()],
+                verbose=verbose,
+            )
+        except CheckpointError as error:
+            raise _cannot_resume(args, error.directory, error.reason) from None
         return trainer, history
     network.compile(
         optimizer=optimizer_fn(args)(),
         loss=loss or keras.losses.SparseCategoricalCrossentropy(True),
         metrics=list(metrics),
     )
-    result = network.fit(
+    epochs = args.joint_epochs + args.finetune_epochs
+    backup = os.path.join(args.output_dir, "backup")
+    record = BaselineRecord(backup, config)
+    record.resume(args, epochs)
+    # A finished run's `fit` restores the weights and trains no epoch.
+    network.fit(
         train_data,
-        epochs=args.joint_epochs + args.finetune_epochs,
+        epochs=epochs,
         validation_data=validation_data,
         callbacks=[
             keras.callbacks.LearningRateScheduler(schedule),
-            keras.callbacks.BackupAndRestore(
-                os.path.join(args.output_dir, "backup")
-            ),
+            # Kept when training ends, so that a finished run is reported
+            # again rather than trained again.
+            keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False),
             EpochTimer(),
+            record,
         ],
         verbose=verbose,
     )
-    history = {k: list(map(float, v)) for k, v in result.history.items()}
-    history["epoch"] = [e + 1 for e in result.epoch]
+    rows = record.history
+    keys = sorted({k for row in rows for k in row})
+    history = {k: [row.get(k, np.nan) for row in rows] for k in keys}
     return network, history
 
 
@@ -225,7 +340,7 @@ def gate_report(
     class_names=None,
     flops_network=None,
 ):
-    """Multiply-adds under the measured gates, gate statistics and their figures.
+    """Multiply-adds under the measured gates, gate statistics, figures.
 
     Saves `gate_density.png`, and with labels `class_gates.png` (the mean
     gate of the last gated layer's channels for every class).

@@ -12,8 +12,9 @@ gating frozen and lambda = mu = 0), baselines with plain `fit` for the same
 number of epochs and the same learning-rate schedule. Checkpoints go to the
 output directory after every epoch; running the same command again resumes.
 
-The final report gives the test accuracy, dense and effective multiply-adds, gate
-density per layer and time per epoch, and saves `results.json`,
+The final report gives the test accuracy, dense and effective
+multiply-adds, gate density per layer and time per epoch, and saves
+`results.json`,
 `curves.png`, `gate_density.png` and `class_gates.png` (mean gate of the
 last gated layer's channels for every class) in the output directory.
 """

@@ -24,8 +24,8 @@ with a copy of the network built for the frame size (the weights do not
 depend on the input size).
 
 The final report gives the mean IoU (`keras.metrics.MeanIoU` with
-`ignore_class=255`) and the IoU of every class, dense and effective multiply-adds
-per frame, gate density per layer and time per epoch, and saves
+`ignore_class=255`) and the IoU of every class, dense and effective
+multiply-adds per frame, gate density per layer and time per epoch, and saves
 `results.json`, `curves.png` and `gate_density.png` in the output
 directory. `--smoke` trains a tiny DRN on small synthetic images of
 coloured rectangles, offline, in seconds.

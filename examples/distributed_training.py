@@ -124,8 +124,8 @@ def configure_devices(args, backend):
 
 # === Models ===
 # Each entry builds a small model under the global dtype policy; a gated
-# DeepMoE network (one with GatedConv2D layers) is trained through DeepMoETrainer, any
-# other model on the cross entropy.
+# DeepMoE network (one with GatedConv2D layers) is trained through
+# DeepMoETrainer, any other model on the cross entropy.
 
 
 def deepmoe_resnet():

@@ -20,8 +20,9 @@ divided by 10 every 30 epochs, mu = 0 and no fine-tuning phase (DeepMoE
 section 5). Checkpoints go to the output directory after every epoch;
 running the same command again resumes.
 
-The final report gives top-1 and top-5 accuracy, dense and effective multiply-adds,
-gate density per layer and time per epoch, and saves `results.json`,
+The final report gives top-1 and top-5 accuracy, dense and effective
+multiply-adds, gate density per layer and time per epoch, and saves
+`results.json`,
 `curves.png`, `gate_density.png` and `class_gates.png` in the output
 directory.
 """

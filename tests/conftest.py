@@ -34,7 +34,6 @@ if os.environ["KERAS_BACKEND"] == "torch":
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
-
 # End-to-end tests run whole example scripts or several processes, and take
 # tens of seconds each. A run of the suite gives each of them to one backend,
 # in turn in the order of collection, so that running the suite on jax,

@@ -11,9 +11,12 @@ from keras_moe.layers import PatchExpertChoiceMoE
 from keras_moe.models import DeepMoEDRN
 from keras_moe.models import DeepMoEResNet
 from keras_moe.models import DeepMoEVGG16
+from keras_moe.models import TwoLayerCNN
+from keras_moe.models import TwoLayerPMoE
+from keras_moe.models import WideResNet
 
 
-def deepmoe_resnet():
+def deepmoe_resnet(**kwargs):
     return DeepMoEResNet(
         8,
         num_classes=4,
@@ -21,14 +24,17 @@ def deepmoe_resnet():
         variant="wide",
         embedding_layers=2,
         embedding_filters=4,
+        **kwargs,
     )
 
 
-def deepmoe_vgg16():
-    return DeepMoEVGG16(num_classes=4, embedding_layers=2, embedding_filters=4)
+def deepmoe_vgg16(**kwargs):
+    return DeepMoEVGG16(
+        num_classes=4, embedding_layers=2, embedding_filters=4, **kwargs
+    )
 
 
-def deepmoe_drn():
+def deepmoe_drn(**kwargs):
     return DeepMoEDRN(
         num_classes=3,
         input_shape=(32, 32, 3),
@@ -36,7 +42,40 @@ def deepmoe_drn():
         embedding_dim=8,
         embedding_layers=2,
         embedding_filters=4,
+        **kwargs,
     )
+
+
+def wide_resnet(**kwargs):
+    return WideResNet(
+        depth=10,
+        widening_factor=1,
+        num_classes=3,
+        input_shape=(16, 16, 3),
+        **kwargs,
+    )
+
+
+def wide_resnet_pmoe(**kwargs):
+    """A WRN-10-1 whose last convolution is a pMoE layer."""
+    return wide_resnet(
+        pmoe=dict(num_experts=2, patches_per_expert=2, patch_size=2), **kwargs
+    )
+
+
+def two_layer_pmoe(**kwargs):
+    return TwoLayerPMoE(
+        num_experts=2,
+        neurons_per_expert=3,
+        patches_per_expert=2,
+        patch_size=8,
+        input_shape=(32, 32, 1),
+        **kwargs,
+    )
+
+
+def two_layer_cnn(**kwargs):
+    return TwoLayerCNN(4, 8, input_shape=(32, 32, 1), **kwargs)
 
 
 def pmoe_cnn(return_routing=False):
@@ -68,6 +107,18 @@ FAMILIES = {
     "deepmoe_vgg16": (deepmoe_vgg16, (32, 32, 3)),
     "deepmoe_drn": (deepmoe_drn, (32, 32, 3)),
     "pmoe_cnn": (pmoe_cnn, (16, 16, 3)),
+}
+
+
+# Every model builder, tiny, with the shape of its input images.
+BUILDERS = {
+    "deepmoe_resnet": (deepmoe_resnet, (16, 16, 3)),
+    "deepmoe_vgg16": (deepmoe_vgg16, (32, 32, 3)),
+    "deepmoe_drn": (deepmoe_drn, (32, 32, 3)),
+    "wide_resnet": (wide_resnet, (16, 16, 3)),
+    "wide_resnet_pmoe": (wide_resnet_pmoe, (16, 16, 3)),
+    "two_layer_pmoe": (two_layer_pmoe, (32, 32, 1)),
+    "two_layer_cnn": (two_layer_cnn, (32, 32, 1)),
 }
 
 

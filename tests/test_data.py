@@ -150,6 +150,57 @@ def test_missing_image_folder(tmp_path):
         data.load_dataset("image_folder", data_dir=str(tmp_path))
 
 
+def test_image_folder_skips_files_that_are_not_images(tmp_path):
+    root = make_image_folder(tmp_path, classes=("cat", "dog"))
+    # Sorted first in its folder, where the image size is read from.
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x01Bud1")
+    (root / "test" / "dog" / "notes.txt").write_text("two dogs")
+    train, test, info = data.load_dataset(
+        "image_folder", data_dir=str(root), augment=False, normalize=False
+    )
+    assert (info.num_train, info.num_test) == (8, 4)
+    assert info.image_shape == (32, 32, 3)
+    assert collect(train)[0].shape == (8, 32, 32, 3)
+
+
+def test_image_folder_with_an_empty_class_says_which(tmp_path):
+    root = make_image_folder(tmp_path, classes=("cat", "dog"))
+    for image in (root / "train" / "cat").iterdir():
+        image.unlink()
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"\x00")
+    with pytest.raises(data.DatasetNotAvailableError, match="holds no images"):
+        data.load_dataset("image_folder", data_dir=str(root))
+    with pytest.raises(data.DatasetNotAvailableError, match="train.*cat"):
+        data.load_dataset("image_folder", data_dir=str(root))
+
+
+def test_image_folder_with_a_test_class_unknown_to_training(tmp_path):
+    root = make_image_folder(tmp_path, classes=("cat",))
+    (root / "test" / "dog").mkdir()
+    (root / "test" / "cat").joinpath("0.png").rename(
+        root / "test" / "dog" / "0.png"
+    )
+    with pytest.raises(
+        data.DatasetNotAvailableError, match="only in test: \\['dog'\\]"
+    ):
+        data.load_dataset("image_folder", data_dir=str(root))
+
+
+@pytest.mark.parametrize(
+    "mean, std, match",
+    [
+        ([0.5] * 3, [0.2, float("nan"), 0.2], "std"),
+        ([0.5] * 3, [0.2, 0.0, 0.2], "std"),
+        ([0.5] * 3, [float("inf")] * 3, "std"),
+        ([0.5, float("nan"), 0.5], [0.2] * 3, "mean"),
+        ([0.5] * 2, [0.2] * 3, "mean"),
+    ],
+)
+def test_normalization_rejects_invalid_statistics(mean, std, match):
+    with pytest.raises(ValueError, match=match):
+        data.normalization(mean, std)
+
+
 @pytest.mark.parametrize(
     "name, num_classes, shape",
     [

@@ -124,9 +124,17 @@ def test_cifar_deepmoe_smoke_and_resume(tmp_path, model):
         }
         assert (tmp_path / "gate_density.png").exists()
         assert (tmp_path / "class_gates.png").exists()
-        # A second run finds every epoch done and only reports.
-        again = run_example("cifar_deepmoe.py", *args)
-        assert "test accuracy" in again
+    # A second run finds every epoch done, says so and only reports.
+    again = run_example("cifar_deepmoe.py", *args)
+    assert "Training already complete in" in again
+    assert "Epoch 1/" not in again and "test accuracy" in again
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["history"] == results["history"]
+    # Other options (or another backend): the run is not resumed, and the
+    # error says which option differs and names --output-dir.
+    message = exit_message("cifar_deepmoe.py", *args, "--learning-rate", "0.05")
+    assert "--output-dir" in message
+    assert "learning_rate 0.1 (this run: 0.05)" in message
 
 
 def test_cifar_deepmoe_without_data_says_what_to_do(tmp_path):

@@ -48,7 +48,10 @@ def test_matches_equation(conv_kwargs):
     kernel = ops.convert_to_numpy(layer.kernel)
     bias = ops.convert_to_numpy(layer.bias)
     kernel_size = conv_kwargs["kernel_size"]
-    assert kernel.shape[:2] == (3, 3) or kernel_size == 1
+    if isinstance(kernel_size, int):
+        kernel_size = (kernel_size, kernel_size)
+    # One k x k slice per input channel (expert) and output channel.
+    assert kernel.shape == (*kernel_size, 5, 4)
     expected = gated_conv_reference(
         x.astype("float64"),
         gates,
@@ -199,3 +202,22 @@ def test_invalid_inputs():
         GatedConv2D(4, 3)(x, gates[:, :, None])
     with pytest.raises(ValueError, match="found ndim=3"):
         GatedConv2D(4, 3)(x[0], gates)
+
+
+def test_gates_are_checked_at_every_call():
+    x, gates = random_inputs()
+    layer = GatedConv2D(4, 3)
+    layer(x, gates)
+    # Built already: the same error as when building, not one from the
+    # backend (or a silent broadcast of one row of gates to the batch).
+    with pytest.raises(ValueError, match="gates_shape=\\(2, 4\\)"):
+        layer(x, gates[:, :4])
+    with pytest.raises(ValueError, match="gates_shape=\\(1, 5\\)"):
+        layer(x, gates[:1])
+    with pytest.raises(ValueError, match="gates_shape=\\(1, 5\\)"):
+        GatedConv2D(4, 3)(x, gates[:1])
+    # Symbolic: the batch is unknown, the number of channels is checked.
+    images = keras.Input((7, 7, 5))
+    assert layer(images, keras.Input((5,))).shape == (None, 5, 5, 4)
+    with pytest.raises(ValueError, match="gates_shape=\\(None, 4\\)"):
+        layer(images, keras.Input((4,)))

@@ -1,3 +1,5 @@
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -198,6 +200,23 @@ def test_layer_contract_with_custom_experts(tmp_path):
             dict(num_experts=2, expert_units=4, gate_hidden_units=0),
             "gate_hidden_units=0",
         ),
+        # Non-finite values would switch balancing off without a word.
+        (
+            dict(num_experts=2, expert_units=4, balance_threshold=math.nan),
+            "balance_threshold=nan",
+        ),
+        (
+            dict(num_experts=2, expert_units=4, balance_threshold=math.inf),
+            "balance_threshold=inf",
+        ),
+        (
+            dict(num_experts=2, expert_units=4, balance_loss_weight=math.nan),
+            "balance_loss_weight=nan",
+        ),
+        (
+            dict(num_experts=2, expert_units=4, balance_loss_weight=math.inf),
+            "balance_loss_weight=inf",
+        ),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -211,3 +230,13 @@ def test_experts_with_different_outputs_are_rejected():
     )
     with pytest.raises(ValueError, match="same shape"):
         moe(np.zeros((2, 4), "float32"))
+
+
+def test_the_docstring_says_what_the_default_gating_network_is():
+    moe = MixtureOfExperts(3, expert_units=4)
+    moe.build((None, 7))
+    # Linear by default: no hidden layer before the softmax.
+    assert moe.gate_hidden is None
+    doc = " ".join(MixtureOfExperts.__doc__.split())
+    assert "the gating network is linear" in doc
+    assert "ReLU hidden layer followed by a softmax" not in doc

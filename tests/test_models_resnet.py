@@ -132,27 +132,6 @@ def test_unknown_keyword_raises():
         )
 
 
-def test_dtype_policy_and_trainable_survive_config_and_saving(tmp_path):
-    model = tiny(dtype="mixed_float16", trainable=False)
-    assert model.dtype_policy.name == "mixed_float16"
-    assert model.get_layer("block1_conv2").compute_dtype == "float16"
-    config = model.get_config()
-    revived = DeepMoEResNet.from_config(config)
-    assert not revived.trainable
-    assert revived.dtype_policy.name == "mixed_float16"
-    policy = keras.DTypePolicy("mixed_bfloat16")
-    other = tiny(dtype=policy)
-    json_config = keras.saving.serialize_keras_object(other)
-    import json
-
-    json.dumps(json_config)  # the policy object serializes
-    path = str(tmp_path / "frozen.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert not loaded.trainable
-    assert loaded.dtype_policy.name == "mixed_float16"
-
-
 def test_config_round_trip_and_saving(tmp_path):
     model = tiny()
     x = np.random.default_rng(1).random((2, 16, 16, 3)).astype("float32")

@@ -273,6 +273,202 @@ def test_resume_after_interruption(tmp_path, stop_epoch):
         assert not heads.trainable and resumed.lambda_gate == 0.0
 
 
+def resumable_run(directory, callbacks=(), network_seed=0, verbose=0):
+    """Two joint and two fine-tuning epochs of 4 batches, with momentum."""
+    trainer = DeepMoETrainer(tiny_network(seed=network_seed), lambda_gate=0.01)
+    history = train_two_phase(
+        trainer,
+        quadrant_data(128),
+        joint_epochs=2,
+        finetune_epochs=2,
+        learning_rate=paper_schedule(0.05, boundaries=(3,)),
+        checkpoint_dir=None if directory is None else str(directory),
+        callbacks=list(callbacks),
+        verbose=verbose,
+    )
+    return trainer, history
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    reference, expected = resumable_run(None)
+    # Stopped in phase 1, then in phase 2, each time resumed by a fresh
+    # process (new objects, other initial weights): the optimizer's
+    # momentum and iteration count, the learning rate and the order of
+    # the batches must go on as if nothing had happened.
+    with pytest.raises(KeyboardInterrupt):
+        resumable_run(tmp_path, [StopAt(1)])
+    with pytest.raises(KeyboardInterrupt):
+        resumable_run(tmp_path, [StopAt(3)], network_seed=1)
+    resumed, history = resumable_run(tmp_path, network_seed=1)
+    assert history["epoch"] == [1, 2, 3, 4]
+    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-6)
+    for a, b in zip(resumed.network.weights, reference.network.weights):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=a.path)
+
+
+def test_a_checkpoint_is_written_as_one_unit(tmp_path, monkeypatch):
+    import os
+
+    reference, _ = resumable_run(None)
+    saved = {}
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            saved[epoch + 1] = to_numpy(list(self.model.network.weights))
+
+    # The process dies after epoch 2's weights are on disk and before its
+    # progress is: the checkpoint must still be the whole of epoch 1.
+    replace, progress_writes = os.replace, []
+
+    def dying_replace(source, target):
+        if os.path.basename(str(target)) == "progress.json":
+            progress_writes.append(target)
+            if len(progress_writes) == 2:
+                raise KeyboardInterrupt("killed while saving epoch 2")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        resumable_run(tmp_path, [Snapshot()])
+    monkeypatch.setattr(os, "replace", replace)
+    starts = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if not starts:
+                weights = to_numpy(list(self.model.network.weights))
+                starts.append((epoch, weights))
+
+    resumed, history = resumable_run(tmp_path, [Record()], network_seed=1)
+    assert starts[0][0] == 1
+    for a, b in zip(starts[0][1], saved[1]):
+        np.testing.assert_array_equal(a, b)
+    assert history["epoch"] == [1, 2, 3, 4]
+    for a, b in zip(resumed.network.weights, reference.network.weights):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b), err_msg=a.path)
+
+
+def short_run(directory, verbose=0, callbacks=(), **kwargs):
+    """One joint and one fine-tuning step of 8 examples."""
+    trainer = DeepMoETrainer(tiny_network(), lambda_gate=0.01)
+    kwargs = {
+        "joint_epochs": 1,
+        "finetune_epochs": 1,
+        "checkpoint_dir": str(directory),
+        "verbose": verbose,
+        **kwargs,
+    }
+    return train_two_phase(
+        trainer, quadrant_data(8), callbacks=list(callbacks), **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A checkpoint of a run stopped after its first epoch."""
+    directory = tmp_path_factory.mktemp("stopped")
+    with pytest.raises(KeyboardInterrupt):
+        short_run(directory, callbacks=[StopAt(1)], config={"data": "a"})
+    return directory
+
+
+def copy_of(directory, tmp_path):
+    import shutil
+
+    return shutil.copytree(directory, tmp_path / "checkpoint")
+
+
+def damage_weights(directory, how):
+    import json
+
+    with open(directory / "progress.json") as f:
+        name = json.load(f)["weights"]
+    path = directory / name
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "corrupt":
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+
+
+def without_key(directory, key):
+    import json
+
+    with open(directory / "progress.json") as f:
+        manifest = json.load(f)
+    del manifest[key]
+    (directory / "progress.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda d: (d / "progress.json").write_text(""), "cannot be read"),
+        (
+            lambda d: (d / "progress.json").write_bytes(
+                (d / "progress.json").read_bytes()[:40]
+            ),
+            "cannot be read",
+        ),
+        (lambda d: without_key(d, "epochs_done"), "no 'epochs_done' entry"),
+        (lambda d: damage_weights(d, "truncate"), "truncated or damaged"),
+        (lambda d: damage_weights(d, "corrupt"), "truncated or damaged"),
+        (lambda d: damage_weights(d, "delete"), "is missing"),
+    ],
+    ids=[
+        "empty_progress",
+        "truncated_progress",
+        "missing_key",
+        "truncated_weights",
+        "corrupted_weights",
+        "missing_weights",
+    ],
+)
+def test_a_damaged_checkpoint_raises_one_clear_error(
+    tmp_path, stopped_run, damage, match
+):
+    from keras_moe.training import CheckpointError
+
+    directory = copy_of(stopped_run, tmp_path)
+    damage(directory)
+    with pytest.raises(CheckpointError, match=match) as error:
+        short_run(directory, config={"data": "a"})
+    assert error.value.directory == str(directory)
+    assert "Delete this directory to start again" in str(error.value)
+    assert isinstance(error.value, ValueError)
+
+
+def test_a_run_with_another_configuration_is_not_resumed(tmp_path, stopped_run):
+    from keras_moe.training import CheckpointError
+
+    directory = copy_of(stopped_run, tmp_path)
+    with pytest.raises(CheckpointError, match="data 'a' \\(this run: 'b'\\)"):
+        short_run(directory, config={"data": "b"})
+    with pytest.raises(CheckpointError, match="batch_size 32 \\(this run: 4"):
+        short_run(directory, config={"data": "a"}, batch_size=4)
+    with pytest.raises(CheckpointError, match="joint_epochs 1 \\(this run"):
+        short_run(directory, config={"data": "a"}, joint_epochs=2)
+
+
+def test_resuming_and_a_finished_run_say_so(tmp_path, stopped_run, capsys):
+    directory = copy_of(stopped_run, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        short_run(
+            directory, verbose=1, callbacks=[StopAt(1)], config={"data": "a"}
+        )
+    out = capsys.readouterr().out
+    assert f"Resuming from {directory}: phase 2, epoch 2 of 2" in out
+    history = short_run(directory, config={"data": "a"})
+    assert history["phase"] == [1, 2]
+    again = short_run(directory, verbose=1, config={"data": "a"})
+    assert again == history
+    out = capsys.readouterr().out
+    assert f"Training already complete in {directory}: 2 of 2" in out
+
+
 def test_sparsity_term_lowers_gate_density_and_keeps_accuracy():
     x, y = quadrant_data(128, seed=1)
     results = {}
@@ -340,6 +536,10 @@ def test_invalid_schedule_arguments():
     trainer = DeepMoETrainer(tiny_network())
     with pytest.raises(ValueError, match="joint_epochs=-1"):
         train_two_phase(trainer, quadrant_data(4), -1, 1)
+    with pytest.raises(ValueError, match="base_lr=nan"):
+        paper_schedule(float("nan"))
+    with pytest.raises(ValueError, match="factor=inf"):
+        paper_schedule(0.1, factor=float("inf"))
 
 
 MIRRORED_SCRIPT = """

@@ -73,7 +73,9 @@ def run_layer_test(
     Config round trip, eager call, symbolic call in a functional model with
     matching shapes, one `fit` step that changes trainable weights, XLA /
     `jit` compiled training on jax and tensorflow, `.keras` save and load
-    with identical outputs, and a mixed-precision call.
+    with identical outputs, and calls under `mixed_float16` and
+    `mixed_bfloat16` with the same weights, whose outputs must be the
+    float32 outputs within the formats' precision.
 
     Args:
         layer_cls: the layer class.
@@ -84,11 +86,14 @@ def run_layer_test(
         call_kwargs: extra call arguments.
         tmp_path: a directory for the saved model.
         run_training: whether to run the `fit` checks.
-        run_mixed_precision: whether to run the mixed-precision check.
+        run_mixed_precision: whether to run the mixed-precision checks.
         atol: tolerance of the save/load comparison.
     """
     call_kwargs = call_kwargs or {}
     inputs = _as_tuple(input_data)
+    # Weights drawn the same at every run: the mixed-precision comparison
+    # is then the same at every run too.
+    keras.utils.set_random_seed(0)
 
     # Config round trip.
     layer = layer_cls(**init_kwargs)
@@ -154,14 +159,57 @@ def run_layer_test(
             assert any(changed), "one fit step changed no trainable weight"
 
     if run_mixed_precision:
-        mixed = layer_cls(**{**init_kwargs, "dtype": "mixed_float16"})
-        mixed_outputs = mixed(*inputs, **call_kwargs)
-        _assert_shapes(mixed_outputs, expected_output_shape)
-        for t in _float_outputs(mixed_outputs):
-            assert np.all(np.isfinite(ops.convert_to_numpy(t)))
-        for weight in mixed.weights:
-            assert keras.backend.standardize_dtype(weight.dtype) == "float32"
+        for policy, tolerance in MIXED_PRECISION_TOLERANCE.items():
+            _check_mixed_precision(
+                layer_cls,
+                {**init_kwargs, "dtype": policy},
+                layer,
+                inputs,
+                outputs,
+                expected_output_shape,
+                call_kwargs,
+                tolerance,
+            )
     return layer, outputs
+
+
+# Relative to the largest float32 output: a few units of each format's
+# precision (2^-11 for float16, 2^-8 for bfloat16) after the sums of a
+# layer. A wrong cast, a dropped scale or an overflow is far larger.
+MIXED_PRECISION_TOLERANCE = {"mixed_float16": 1e-2, "mixed_bfloat16": 5e-2}
+
+
+def _check_mixed_precision(
+    layer_cls,
+    init_kwargs,
+    reference,
+    inputs,
+    expected,
+    expected_output_shape,
+    call_kwargs,
+    tolerance,
+):
+    """The layer under a mixed policy, with the float32 layer's weights,
+    must give its outputs within `tolerance` and keep float32 weights."""
+    mixed = layer_cls(**init_kwargs)
+    mixed(*inputs, **call_kwargs)
+    mixed.set_weights(reference.get_weights())
+    for weight in mixed.weights:
+        assert keras.backend.standardize_dtype(weight.dtype) == "float32"
+    actual = mixed(*inputs, **call_kwargs)
+    _assert_shapes(actual, expected_output_shape)
+    policy = init_kwargs["dtype"]
+    for a, b in zip(tree.flatten(actual), tree.flatten(expected)):
+        a, b = ops.convert_to_numpy(a), ops.convert_to_numpy(b)
+        if not np.issubdtype(b.dtype, np.floating):
+            np.testing.assert_array_equal(a, b, err_msg=policy)
+            continue
+        a = a.astype("float32")
+        assert np.all(np.isfinite(a)), policy
+        scale = max(float(np.max(np.abs(b))), 1e-6)
+        np.testing.assert_allclose(
+            a, b, rtol=0, atol=tolerance * scale, err_msg=policy
+        )
 
 
 def _assert_shapes(outputs, expected, ignore_batch=False):

@@ -1,5 +1,8 @@
 """Standard augmentation and normalization for `tf.data` pipelines."""
 
+import math
+import numbers
+
 import keras
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -66,14 +69,28 @@ def normalization(mean, std):
     models on any backend.
 
     Args:
-        mean: sequence of per-channel means.
-        std: sequence of per-channel standard deviations.
+        mean: sequence of finite per-channel means.
+        std: sequence of finite per-channel standard deviations, > 0.
 
     Returns:
         A `keras.layers.Normalization` layer with those statistics.
     """
+    mean, std = list(mean), list(std)
+    if len(mean) != len(std) or not all(
+        isinstance(m, numbers.Real) and math.isfinite(m) for m in mean
+    ):
+        raise ValueError(
+            "`mean` must be finite numbers, one per channel of `std`. "
+            f"Received: mean={mean!r}, std={std!r}"
+        )
+    if not all(
+        isinstance(s, numbers.Real) and math.isfinite(s) and s > 0 for s in std
+    ):
+        raise ValueError(
+            f"`std` must be finite numbers > 0. Received: std={std!r}"
+        )
     layer = keras.layers.Normalization(
-        mean=list(mean), variance=[s**2 for s in std]
+        mean=mean, variance=[float(s) ** 2 for s in std]
     )
     layer.build((None, None, None, len(mean)))
     return layer

@@ -103,7 +103,9 @@ def load_dataset(
     smiling), `"celeba_smiling_eyeglasses"` (4 classes: smiling x
     eyeglasses), `"cityscapes"` (semantic segmentation, 19 classes, ignore
     label 255), `"imagenet"` through tensorflow-datasets; `"image_folder"`
-    (`data_dir` holds `train/<class>/*` and `test/<class>/*`); and
+    (`data_dir` holds `train/<class>/*` and `test/<class>/*` with the same
+    class folders, each with at least one `.png`, `.jpg`, `.jpeg`, `.bmp`
+    or `.gif` image; other files are skipped); and
     `"digits"`, the 1,797 8x8 handwritten digits that ship inside
     scikit-learn, resized to 32x32 RGB, for running examples on a machine
     without network or datasets.
@@ -241,6 +243,32 @@ def _is_image_folder(path):
     )
 
 
+# The files `keras.utils.image_dataset_from_directory` reads; anything else
+# in a class folder (`.DS_Store`, `Thumbs.db`, notes) is skipped.
+_IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+
+
+def _class_folders(split_dir):
+    """The class folders of a split, as Keras lists them (hidden skipped)."""
+    return sorted(
+        d
+        for d in os.listdir(split_dir)
+        if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith(".")
+    )
+
+
+def _image_files(folder):
+    """The image files under a class folder, sorted, as Keras finds them."""
+    found = []
+    for root, _, files in sorted(os.walk(folder)):
+        found += [
+            os.path.join(root, f)
+            for f in sorted(files)
+            if f.lower().endswith(_IMAGE_EXTENSIONS)
+        ]
+    return found
+
+
 def _image_folder(data_dir, image_size):
     import keras
 
@@ -250,23 +278,45 @@ def _image_folder(data_dir, image_size):
             "`test/<class>/*` images (for example CIFAR-10 extracted from "
             f"an image-folder archive). Received: data_dir={data_dir!r}"
         )
-    class_names = sorted(
-        d
-        for d in os.listdir(os.path.join(data_dir, "train"))
-        if os.path.isdir(os.path.join(data_dir, "train", d))
-    )
+    train_dir = os.path.join(data_dir, "train")
+    test_dir = os.path.join(data_dir, "test")
+    class_names = _class_folders(train_dir)
     if not class_names:
+        raise DatasetNotAvailableError(f"No class folders in {train_dir!r}.")
+    test_names = _class_folders(test_dir)
+    if test_names != class_names:
+        # Labels are the classes' indices in one list shared by the two
+        # splits: a test class unknown to training would be dropped.
         raise DatasetNotAvailableError(
-            f"No class folders in {os.path.join(data_dir, 'train')!r}."
+            f"The class folders of {test_dir!r} and {train_dir!r} differ: "
+            f"only in test: {sorted(set(test_names) - set(class_names))}, "
+            f"only in train: {sorted(set(class_names) - set(test_names))}. "
+            "Both splits need a folder for every class."
         )
+    first_image = None
+    for split_dir in (train_dir, test_dir):
+        for name in class_names:
+            images = _image_files(os.path.join(split_dir, name))
+            if not images:
+                raise DatasetNotAvailableError(
+                    f"The class folder {os.path.join(split_dir, name)!r} "
+                    f"holds no images (files ending in "
+                    f"{', '.join(_IMAGE_EXTENSIONS)}). Add its images, or "
+                    "remove the class from both splits."
+                )
+            first_image = first_image or images[0]
+    if image_size is None:
+        # The size of the first training image, so images keep their size.
+        image = keras.utils.load_img(first_image)
+        image_size = (image.height, image.width)
     splits = []
-    for split in ("train", "test"):
+    for split_dir in (train_dir, test_dir):
         ds = keras.utils.image_dataset_from_directory(
-            os.path.join(data_dir, split),
+            split_dir,
             labels="inferred",
             label_mode="int",
             class_names=class_names,
-            image_size=image_size or _first_image_size(data_dir, class_names),
+            image_size=image_size,
             batch_size=None,
             shuffle=False,
             verbose=False,
@@ -282,16 +332,6 @@ def _image_folder(data_dir, image_size):
         num_test=int(splits[1].cardinality()),
     )
     return splits[0], splits[1], info
-
-
-def _first_image_size(data_dir, class_names):
-    """The size of the first training image, so images keep their size."""
-    import keras
-
-    folder = os.path.join(data_dir, "train", class_names[0])
-    first = sorted(os.listdir(folder))[0]
-    image = keras.utils.load_img(os.path.join(folder, first))
-    return (image.height, image.width)
 
 
 def _digits(image_size):

@@ -40,6 +40,21 @@ def check_positive_number(name, value):
     return value
 
 
+def check_number_above(name, value, bound):
+    """Raises a `ValueError` unless `value` is a finite number > `bound`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= bound
+    ):
+        raise ValueError(
+            f"`{name}` must be a finite number greater than {bound}. "
+            f"Received: {name}={value!r}"
+        )
+    return float(value)
+
+
 def check_momentum(name, value):
     """Raises a `ValueError` unless `value` is a number in `[0, 1)`."""
     value = check_non_negative_number(name, value)

@@ -76,24 +76,39 @@ class GatedConv2D(keras.layers.Conv2D):
 
     def build(self, inputs_shape, gates_shape):
         check_rank(self, "inputs", inputs_shape, 4)
-        check_rank(self, "gates", gates_shape, 2)
-        channel_axis = -1 if self.data_format == "channels_last" else 1
-        in_channels = inputs_shape[channel_axis]
+        in_channels = inputs_shape[self._channel_axis()]
         if in_channels is None:
             raise ValueError(
                 f"{self.__class__.__name__} needs a known number of input "
                 f"channels. Received: inputs_shape={tuple(inputs_shape)}"
             )
-        if gates_shape[-1] is not None and gates_shape[-1] != in_channels:
-            raise ValueError(
-                "`gates` must have one value per input channel, i.e. shape "
-                f"(batch, {in_channels}). Received: "
-                f"gates_shape={tuple(gates_shape)} for "
-                f"inputs_shape={tuple(inputs_shape)}"
-            )
+        self._check_gates(inputs_shape, gates_shape)
         super().build(inputs_shape)
 
+    def _channel_axis(self):
+        return -1 if self.data_format == "channels_last" else 1
+
+    def _check_gates(self, inputs_shape, gates_shape):
+        """The gates' shape must be `(batch, in_channels)`: checked when the
+        layer is built and at every call, on the static shapes (a batch
+        size unknown when tracing is not compared)."""
+        check_rank(self, "gates", gates_shape, 2)
+        in_channels = inputs_shape[self._channel_axis()]
+        batch, gates_batch = inputs_shape[0], gates_shape[0]
+        if (gates_shape[-1] is not None and gates_shape[-1] != in_channels) or (
+            batch is not None
+            and gates_batch is not None
+            and batch != gates_batch
+        ):
+            raise ValueError(
+                "`gates` must have one value per input channel and one row "
+                f"per example, i.e. shape ({batch}, {in_channels}). "
+                f"Received: gates_shape={tuple(gates_shape)} for "
+                f"inputs_shape={tuple(inputs_shape)}"
+            )
+
     def call(self, inputs, gates):
+        self._check_gates(tuple(inputs.shape), tuple(gates.shape))
         gates = ops.cast(gates, self.compute_dtype)
         if self.data_format == "channels_last":
             gates = gates[:, None, None, :]

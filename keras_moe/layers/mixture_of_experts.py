@@ -2,6 +2,8 @@ import keras
 from keras import ops
 
 from keras_moe.layers._validation import check_choice
+from keras_moe.layers._validation import check_non_negative_number
+from keras_moe.layers._validation import check_number_above
 from keras_moe.layers._validation import check_positive_int
 from keras_moe.layers._validation import independent_initializer
 
@@ -20,9 +22,13 @@ class MixtureOfExperts(keras.layers.Layer):
     Layers stack: the output `z_1` of one mixture feeds the next, and a final
     softmax layer classifies (`F(x) = softmax(f_3(z_2))`), each mixture
     having its own gating network. By default the experts are
-    `Dense(expert_units, relu)` and the gating network is a ReLU hidden layer
-    followed by a softmax over the experts, as in the paper; any Keras layer
-    or small model can be given as expert instead.
+    `Dense(expert_units, relu)` and the gating network is linear, a softmax
+    over the experts of a linear map of the input (`gate_hidden_units=None`):
+    `g(x) = softmax(W_g x)`. The gating network that the notes on Eigen et
+    al. describe has a ReLU non-linearity, as the experts do:
+    `gate_hidden_units` adds that ReLU hidden layer, `g(x) = softmax(W_g
+    ReLU(V x))` (the MNIST example uses 64 units). Any Keras layer or small
+    model can be given as expert instead of the default ones.
 
     Balancing the experts' use, as an option (`balancing`):
 
@@ -44,15 +50,15 @@ class MixtureOfExperts(keras.layers.Layer):
         experts: optional list of `num_experts` Keras layers, each mapping
             the input to outputs of the same shape.
         gate_hidden_units: int or `None`, the units of the ReLU hidden layer
-            of the gating network; `None` for a linear gating network.
-            Defaults to `None`.
+            `V` of the gating network, as in Eigen et al.; `None` for a
+            linear gating network. Defaults to `None`.
         balancing: `None`, `"pause"` or `"loss"`.
-        balance_threshold: float > 1, the factor over the mean assignment
-            above which an expert is paused. Defaults to 2.
+        balance_threshold: finite float > 1, the factor over the mean
+            assignment above which an expert is paused. Defaults to 2.
         balance_steps: optional int, the number of training batches during
             which the pause heuristic acts.
-        balance_loss_weight: float >= 0, the weight of the balancing loss.
-            Defaults to 0.01.
+        balance_loss_weight: finite float >= 0, the weight of the balancing
+            loss. Defaults to 0.01.
         expert_activation: activation of the default experts.
         kernel_initializer: initializer of the default experts' and the
             gating network's kernels.
@@ -135,25 +141,17 @@ class MixtureOfExperts(keras.layers.Layer):
             check_positive_int("gate_hidden_units", gate_hidden_units)
         self.gate_hidden_units = gate_hidden_units
         self.balancing = check_choice("balancing", balancing, BALANCING_MODES)
-        if not isinstance(balance_threshold, (int, float)) or (
-            balance_threshold <= 1
-        ):
-            raise ValueError(
-                "`balance_threshold` must be a number greater than 1. "
-                f"Received: balance_threshold={balance_threshold!r}"
-            )
-        self.balance_threshold = float(balance_threshold)
+        # NaN would compare False against every total: no expert would
+        # ever be paused.
+        self.balance_threshold = check_number_above(
+            "balance_threshold", balance_threshold, 1
+        )
         if balance_steps is not None:
             check_positive_int("balance_steps", balance_steps)
         self.balance_steps = balance_steps
-        if not isinstance(balance_loss_weight, (int, float)) or (
-            balance_loss_weight < 0
-        ):
-            raise ValueError(
-                "`balance_loss_weight` must be a non-negative number. "
-                f"Received: balance_loss_weight={balance_loss_weight!r}"
-            )
-        self.balance_loss_weight = float(balance_loss_weight)
+        self.balance_loss_weight = check_non_negative_number(
+            "balance_loss_weight", balance_loss_weight
+        )
         self.expert_activation = keras.activations.get(expert_activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)

@@ -99,6 +99,13 @@ class PatchExpertChoiceMoE(keras.layers.Layer):
     layers on the windows and the convolution's weights with `"valid"`
     padding.
 
+    The selection is `keras.ops.top_k`, which models holding the layer take
+    into `model.export()`. A SavedModel exported from JAX 0.10 holds it as
+    a StableHLO composite (`vhlo.composite_v2`) that the XLA of TensorFlow
+    2.21 cannot read, so that artifact fails when it runs, not because of
+    this layer: export from the TensorFlow backend instead (a `.keras` file
+    loads on every backend), or with `format="torch"` from PyTorch.
+
     Args:
         num_experts: int, the number of experts and routers `k`.
         patches_per_expert: int, the number of patches `l` each expert

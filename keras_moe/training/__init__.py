@@ -1,6 +1,7 @@
 """Training: the DeepMoE objective and its two-phase schedule, pMoE router
 training, and helpers for several devices."""
 
+from keras_moe.training._checkpoint import CheckpointError
 from keras_moe.training.deepmoe import DeepMoETrainer
 from keras_moe.training.deepmoe import paper_schedule
 from keras_moe.training.deepmoe import train_two_phase
@@ -10,6 +11,7 @@ from keras_moe.training.pmoe import RouterTrainer
 from keras_moe.training.pmoe import train_routers
 
 __all__ = [
+    "CheckpointError",
     "DeepMoETrainer",
     "RouterTrainer",
     "model_parallel_layout_map",

@@ -1,7 +1,6 @@
 """The DeepMoE objective inside `model.fit`, and the two-phase schedule."""
 
-import json
-import os
+import numbers
 import warnings
 
 import keras
@@ -15,8 +14,11 @@ from keras_moe.layers import SparseGatingHeads
 from keras_moe.layers import gate_l1
 from keras_moe.layers._validation import check_choice
 from keras_moe.layers._validation import check_non_negative_number
+from keras_moe.layers._validation import check_positive_int
+from keras_moe.layers._validation import check_positive_number
 from keras_moe.layers.sparse_gating_heads import GATE_REDUCTIONS
 from keras_moe.models import deepmoe_outputs
+from keras_moe.training import _checkpoint
 
 
 class _LastValue(keras.metrics.Metric):
@@ -241,6 +243,8 @@ class DeepMoETrainer(keras.Model):
         self.flops_ratio_tracker = keras.metrics.Mean(name="flops_ratio")
         self.collapsed_tracker = _LastValue(name="collapsed_layers")
         self._collapse_reported = False
+        # `(lambda_gate, mu)` while phase 2 has them at zero.
+        self._joint_weights = None
         self._dense_macs, self._cost_terms = cost_terms(network)
         self._num_gated = len(outputs.output["gates"])
 
@@ -367,7 +371,9 @@ class DeepMoETrainer(keras.Model):
 
         Phase 2 sets `lambda_gate = mu = 0` and freezes the
         `ShallowEmbedding` and `SparseGatingHeads` layers (Procedure 1,
-        line 10). Recompile with a new optimizer instance afterwards.
+        line 10); phase 1 unfreezes them and gives back the `lambda_gate`
+        and `mu` that phase 2 set to zero. Recompile with a new optimizer
+        instance afterwards.
 
         Args:
             phase: 1 or 2.
@@ -379,8 +385,13 @@ class DeepMoETrainer(keras.Model):
             if isinstance(layer, (ShallowEmbedding, SparseGatingHeads)):
                 layer.trainable = not frozen
         if frozen:
+            if self._joint_weights is None:
+                self._joint_weights = (self.lambda_gate, self.mu)
             self.lambda_gate = 0.0
             self.mu = 0.0
+        elif self._joint_weights is not None:
+            self.lambda_gate, self.mu = self._joint_weights
+            self._joint_weights = None
 
     def get_config(self):
         return {
@@ -406,16 +417,18 @@ def paper_schedule(base_lr=0.1, boundaries=(150, 250), factor=0.1):
     """The paper's step learning rate, as a function of the epoch.
 
     Args:
-        base_lr: the initial learning rate.
+        base_lr: finite float > 0, the initial learning rate.
         boundaries: epochs at which the rate is multiplied by `factor`
             (the paper's CIFAR schedule: 0.1, divided by 10 at epochs 150
             and 250 of 350).
-        factor: the multiplier at each boundary.
+        factor: finite float > 0, the multiplier at each boundary.
 
     Returns:
         A function `epoch -> learning rate`, for `train_two_phase` or
         `keras.callbacks.LearningRateScheduler`.
     """
+    base_lr = check_positive_number("base_lr", base_lr)
+    factor = check_positive_number("factor", factor)
     boundaries = tuple(boundaries)
 
     def schedule(epoch):
@@ -442,42 +455,37 @@ class _EpochScheduler(keras.callbacks.Callback):
 
 
 class _Checkpoint(keras.callbacks.Callback):
-    """Saves weights, optimizer state and progress after every epoch."""
+    """Writes a checkpoint of the trainer after every epoch."""
 
-    def __init__(self, directory, phase):
+    def __init__(self, store, phase, manifest):
         super().__init__()
-        self.directory = directory
+        self.store = store
         self.phase = phase
+        self.manifest = manifest
 
     def on_epoch_end(self, epoch, logs=None):
-        _save_state(self.model, self.directory, self.phase, epoch + 1, logs)
-
-
-def _state_path(directory):
-    return os.path.join(directory, "progress.json")
-
-
-def _save_state(model, directory, phase, epochs_done, logs):
-    os.makedirs(directory, exist_ok=True)
-    weights = os.path.join(directory, "checkpoint.weights.h5")
-    model.network.save_weights(weights + ".tmp.weights.h5")
-    os.replace(weights + ".tmp.weights.h5", weights)
-    history = []
-    if os.path.exists(_state_path(directory)):
-        with open(_state_path(directory)) as f:
-            history = json.load(f)["history"]
-    history.append(
-        {
-            "phase": phase,
-            "epoch": epochs_done,
-            **{k: float(v) for k, v in (logs or {}).items()},
+        history = self.manifest["history"] + [
+            {
+                "phase": self.phase,
+                "epoch": epoch + 1,
+                **{k: float(v) for k, v in (logs or {}).items()},
+            }
+        ]
+        self.manifest = {
+            **self.manifest,
+            "phase": self.phase,
+            "epochs_done": epoch + 1,
+            "history": history,
         }
-    )
-    with open(_state_path(directory) + ".tmp", "w") as f:
-        json.dump(
-            {"phase": phase, "epochs_done": epochs_done, "history": history}, f
+        self.store.save(self.model, self.manifest)
+
+
+def _check_epochs(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"`{name}` must be a non-negative integer. Received: "
+            f"{name}={value!r}"
         )
-    os.replace(_state_path(directory) + ".tmp", _state_path(directory))
 
 
 def train_two_phase(
@@ -490,6 +498,9 @@ def train_two_phase(
     validation_data=None,
     metrics=("accuracy",),
     checkpoint_dir=None,
+    config=None,
+    batch_size=None,
+    seed=None,
     callbacks=None,
     verbose="auto",
 ):
@@ -509,15 +520,38 @@ def train_two_phase(
     0.1 divided by 10 at epochs 150 and 250, with 270 joint and 80
     fine-tuning epochs).
 
-    With `checkpoint_dir`, the weights, the phase and the epoch are saved
-    after every epoch, and a call with the same directory resumes where the
-    last run stopped, in the right phase. The optimizer's slots (momentum)
-    are not saved: a resumed run restarts them, which costs a few steps of
-    momentum warm-up and nothing else.
+    Arrays (`train_data=(x, y)`) are shuffled at every epoch in an order
+    drawn from `seed` and the epoch, so that two runs with the same seed
+    see the same batches, resumed or not.
+
+    With `checkpoint_dir`, a checkpoint is written after every epoch: the
+    network's weights, the optimizer's variables (its slots such as
+    momentum, its iteration count and learning rate), the states of the
+    network's random generators, the phase, the epoch, the shuffling seed
+    and the history. A call with the same directory resumes where the last
+    run stopped, in the right phase, and says so (unless `verbose=0`); a
+    run resumed with arrays ends with the weights of an uninterrupted run.
+    A checkpoint is written as one unit: its files under new names first,
+    then `progress.json`, which names them with their SHA-256 digests, in
+    a single rename, so a run stopped at any point leaves the complete
+    checkpoint of its last finished epoch. A checkpoint that is damaged,
+    or was made by a run with another configuration (other epochs,
+    `lambda_gate`, `mu`, `gate_reduction`, `ignore_class`, `from_logits`,
+    batch size, `seed` or `config`), raises a `CheckpointError` before
+    anything is trained.
+
+    A `tf.data` pipeline or another iterable is used as given, and its
+    order is its own: a `shuffle` or random augmentation starts again from
+    its first epoch's draw in a new process, so a resumed run sees other
+    batches than an uninterrupted one (as good a sample, not the same).
+    For the same batches, pass arrays, or make the pipeline's randomness a
+    function of the epoch (for example with `tf.random.stateless_*`
+    operations seeded by a counter of the examples seen).
 
     Args:
         trainer: a `DeepMoETrainer`.
-        train_data: training data for `fit` (a dataset or `(x, y)` arrays).
+        train_data: training data: a `(x, y)` or `(x, y, sample_weight)`
+            tuple of arrays, or a dataset for `fit`.
         joint_epochs: int, `n_0`.
         finetune_epochs: int, `n_1`.
         optimizer_fn: function returning a new optimizer; defaults to SGD
@@ -526,62 +560,145 @@ def train_two_phase(
         validation_data: optional validation data for `fit`.
         metrics: metrics compiled on the logits.
         checkpoint_dir: optional directory for resumable checkpoints.
+        config: optional dict of JSON values that describes the run
+            further (the model, the data, the schedule's parameters...):
+            saved with the checkpoints, and a resumed run's must equal it.
+        batch_size: int, the batch size for arrays (not for a dataset,
+            which is batched already). Defaults to 32, as in `fit`.
+        seed: optional int, the seed of the arrays' order. Defaults to a
+            draw from NumPy's global generator (which
+            `keras.utils.set_random_seed` sets), kept in the checkpoint.
         callbacks: optional extra callbacks for both phases.
         verbose: `fit` verbosity.
 
     Returns:
         A dict of lists: every logged value per epoch across both phases,
         plus `"phase"` and `"epoch"`.
+
+    Raises:
+        CheckpointError: when `checkpoint_dir` holds a checkpoint that is
+            damaged or was made with another configuration.
     """
-    for name, value in (
-        ("joint_epochs", joint_epochs),
-        ("finetune_epochs", finetune_epochs),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(
-                f"`{name}` must be a non-negative integer. Received: "
-                f"{name}={value!r}"
-            )
+    _check_epochs("joint_epochs", joint_epochs)
+    _check_epochs("finetune_epochs", finetune_epochs)
     if not isinstance(trainer, DeepMoETrainer):
         raise ValueError(
             f"`trainer` must be a DeepMoETrainer. Received: trainer={trainer!r}"
         )
+    arrays = isinstance(train_data, tuple)
+    if arrays and len(train_data) not in (2, 3):
+        raise ValueError(
+            "`train_data` must be a dataset, or a tuple `(x, y)` or "
+            "`(x, y, sample_weight)` of arrays. Received a tuple of "
+            f"{len(train_data)} items"
+        )
+    if batch_size is not None:
+        if not arrays:
+            raise ValueError(
+                "`batch_size` is for arrays only: a dataset is batched "
+                f"already. Received: batch_size={batch_size!r}"
+            )
+        check_positive_int("batch_size", batch_size)
+    if seed is not None:
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, numbers.Integral)
+            or seed < 0
+        ):
+            raise ValueError(
+                "`seed` must be a non-negative integer. "
+                f"Received: seed={seed!r}"
+            )
+        seed = int(seed)
+    if config is not None:
+        if not isinstance(config, dict):
+            raise ValueError(
+                f"`config` must be a dict. Received: config={config!r}"
+            )
+        config = _checkpoint.as_json(config, "config")
     optimizer_fn = optimizer_fn or (
         lambda: keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True)
     )
-    if isinstance(train_data, tuple):
-        x, y = train_data
-        fit_data = dict(x=x, y=y)
+    # The weights of phase 1, also when a finished run left the trainer in
+    # phase 2.
+    weights = trainer._joint_weights or (trainer.lambda_gate, trainer.mu)
+    total = joint_epochs + finetune_epochs
+    run = {
+        "joint_epochs": joint_epochs,
+        "finetune_epochs": finetune_epochs,
+        "lambda_gate": weights[0],
+        "mu": weights[1],
+        "gate_reduction": trainer.gate_reduction,
+        "ignore_class": trainer.ignore_class,
+        "from_logits": trainer.from_logits,
+        "batch_size": (batch_size or 32) if arrays else None,
+    }
+    run = _checkpoint.as_json(run, "run")
+    store = manifest = None
+    if checkpoint_dir:
+        store = _checkpoint.CheckpointDirectory(checkpoint_dir)
+        manifest = store.read()
+    if manifest is not None:
+        store.check_configuration(manifest, run, config, seed)
+        store.restore_network(manifest, trainer.network)
+        seed = manifest["seed"]
+        done, history = manifest["epochs_done"], list(manifest["history"])
+    else:
+        if seed is None:
+            seed = int(np.random.randint(0, 2**31 - 1))
+        done, history = 0, []
+    talk = verbose not in (0, False)
+    if manifest is not None and talk:
+        if done >= total:
+            print(
+                f"Training already complete in {checkpoint_dir}: "
+                f"{done} of {total} epochs done."
+            )
+        else:
+            phase = 1 if done < joint_epochs else 2
+            print(
+                f"Resuming from {checkpoint_dir}: phase {phase}, epoch "
+                f"{done + 1} of {total} ({done} done)."
+            )
+    order_callbacks = []
+    if arrays:
+        data = _checkpoint.ShuffledArrays(train_data, batch_size or 32, seed)
+        fit_data = dict(x=data, shuffle=False)
+        order_callbacks.append(_checkpoint.EpochOrder(data))
     else:
         fit_data = dict(x=train_data)
-    weights = (trainer.lambda_gate, trainer.mu)
-    done, history = 0, []
-    if checkpoint_dir and os.path.exists(_state_path(checkpoint_dir)):
-        with open(_state_path(checkpoint_dir)) as f:
-            state = json.load(f)
-        done, history = state["epochs_done"], state["history"]
-        trainer.set_phase(state["phase"])
-        trainer.network.load_weights(
-            os.path.join(checkpoint_dir, "checkpoint.weights.h5")
-        )
-    total = joint_epochs + finetune_epochs
+    trained = False
     for phase, (start, stop) in (
         (1, (0, joint_epochs)),
         (2, (joint_epochs, total)),
     ):
         if done >= stop:
             continue
-        if phase == 1:
-            trainer.set_phase(1)
-            trainer.lambda_gate, trainer.mu = weights
-        else:
-            trainer.set_phase(2)
+        trained = True
+        trainer.set_phase(phase)
         trainer.compile(optimizer=optimizer_fn(), metrics=list(metrics))
-        phase_callbacks = list(callbacks or [])
+        if manifest is not None and manifest["phase"] == phase and done > start:
+            # Resumed within this phase: the phase's optimizer goes on.
+            store.restore_optimizer(manifest, trainer)
+        phase_callbacks = order_callbacks + list(callbacks or [])
         if learning_rate is not None:
             phase_callbacks.append(_EpochScheduler(learning_rate))
-        if checkpoint_dir:
-            phase_callbacks.append(_Checkpoint(checkpoint_dir, phase))
+        if store is not None:
+            phase_callbacks.append(
+                _Checkpoint(
+                    store,
+                    phase,
+                    {
+                        "phase": phase,
+                        "epochs_done": done,
+                        "seed": seed,
+                        "run": run,
+                        "config": config,
+                        "backend": keras.backend.backend(),
+                        "history": history,
+                    },
+                )
+            )
         result = trainer.fit(
             **fit_data,
             initial_epoch=max(done, start),
@@ -599,8 +716,10 @@ def train_two_phase(
                 }
             )
         done = stop
-    if not trainer.compiled:
-        # Everything was done already: leave the trainer ready to evaluate.
+    if not trained:
+        # Everything was done already: leave the trainer as a finished run
+        # does, ready to evaluate.
+        trainer.set_phase(2 if finetune_epochs else 1)
         trainer.compile(optimizer=optimizer_fn(), metrics=list(metrics))
     keys = sorted({k for row in history for k in row})
     return {k: [row.get(k, np.nan) for row in history] for k in keys}
