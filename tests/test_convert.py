@@ -4,10 +4,13 @@ import pytest
 
 from keras_moe.analysis import flop_report
 from keras_moe.layers import GatedConv2D
+from keras_moe.layers import PatchExpertChoiceMoE
 from keras_moe.layers import SparseGatingHeads
 from keras_moe.models import default_gated_layers
+from keras_moe.models import default_pmoe_layer
 from keras_moe.models import sparse_predict
 from keras_moe.models import to_deepmoe
+from keras_moe.models import to_pmoe
 from keras_moe.training import DeepMoETrainer
 from tests.testing import BACKEND
 from tests.testing import to_numpy
@@ -187,3 +190,90 @@ def test_invalid_conversions():
         to_deepmoe(cnn, gated_layers=["c1"], widen=2)
     with pytest.raises(ValueError, match="already has GatedConv2D"):
         to_deepmoe(to_deepmoe(cnn))
+
+
+def pmoe_cnn_source(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(8, 3, padding="same", name="c1"),
+            keras.layers.BatchNormalization(name="bn1"),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(8, 3, strides=2, padding="same", name="c2"),
+            keras.layers.Conv2D(
+                16, 3, padding="same", activation="relu", name="c3"
+            ),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(4, name="logits"),
+        ]
+    )
+
+
+def test_to_pmoe_replaces_the_last_convolution_by_its_experts():
+    cnn = with_statistics(pmoe_cnn_source())
+    assert default_pmoe_layer(cnn) == "c3"
+    moe = to_pmoe(cnn, num_experts=4, patch_size=2, patches_per_expert=16)
+    layer = moe.get_layer("c3")
+    assert isinstance(layer, PatchExpertChoiceMoE)
+    # 8x8 map in 2x2 patches: n = 16, and l = n: every expert selects every
+    # patch. With the default "halo" placement expert j computes filters
+    # 4j..4j+3 of c3 on the map multiplied by its gates (the authors'
+    # formulation), which c3 itself computes on that masked map.
+    assert layer.num_patches == 16
+    x = np.random.default_rng(8).random((3, 16, 16, 3)).astype("float32")
+    features = keras.Model(moe.input, moe.get_layer("c2").output)
+    h = to_numpy(features(x))
+    out, routing = layer(h, return_routing=True)
+    out = np.maximum(to_numpy(out), 0.0)  # the activation follows the layer
+    indices = to_numpy(routing["indices"])
+    gates = to_numpy(routing["gates"])
+    c3 = cnn.get_layer("c3")
+    for j in range(4):
+        gate_map = np.zeros((3, 4, 4), "float32")
+        for b in range(3):
+            for slot in range(16):
+                r, c = divmod(int(indices[b, j, slot]), 4)
+                gate_map[b, r, c] = gates[b, j, slot]
+        gate_map = np.repeat(np.repeat(gate_map, 2, axis=1), 2, axis=2)
+        expected = to_numpy(c3(h * gate_map[..., None]))[..., 4 * j : 4 * j + 4]
+        np.testing.assert_allclose(
+            out[..., 4 * j : 4 * j + 4], expected, rtol=1e-4, atol=1e-5
+        )
+    # The other layers keep their weights, batch-norm statistics included.
+    for name in ("c1", "bn1", "c2", "logits"):
+        for new, old in zip(
+            moe.get_layer(name).weights, cnn.get_layer(name).weights
+        ):
+            np.testing.assert_array_equal(to_numpy(new), to_numpy(old))
+    # About the parameters of the convolution: the routers add 2*2*8*4.
+    params = layer.count_params()
+    assert params == cnn.get_layer("c3").count_params() + 2 * 2 * 8 * 4
+    # The routers are trained through the output.
+    trainer = moe
+    trainer.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = trainer.fit(
+        x, np.array([0, 1, 2]), epochs=1, batch_size=3, verbose=0
+    ).history
+    assert np.isfinite(history["loss"][0])
+
+
+def test_to_pmoe_defaults_and_bad_input():
+    cnn = pmoe_cnn_source()
+    moe = to_pmoe(cnn)
+    layer = moe.get_layer("c3")
+    # 8x8 map: 2x2 patches (a quarter of each side), n = 16, l = n / k = 4.
+    assert layer.patch_size == (2, 2)
+    assert layer.patches_per_expert == 4
+    assert layer.placement == "halo"
+    x = np.random.default_rng(9).random((2, 16, 16, 3)).astype("float32")
+    assert to_numpy(moe(x)).shape == (2, 4)
+    with pytest.raises(ValueError, match="'c2'"):
+        to_pmoe(cnn, layer="c2")  # strides 2
+    with pytest.raises(ValueError, match="num_experts=3"):
+        to_pmoe(cnn, num_experts=3)
+    with pytest.raises(ValueError, match="already has PatchExpertChoiceMoE"):
+        to_pmoe(moe)

@@ -1,7 +1,9 @@
 """Model builders and model-level utilities."""
 
 from keras_moe.models.convert import default_gated_layers
+from keras_moe.models.convert import default_pmoe_layer
 from keras_moe.models.convert import to_deepmoe
+from keras_moe.models.convert import to_pmoe
 from keras_moe.models.deepmoe_drn import DEEPMOE_DRN_PRESETS
 from keras_moe.models.deepmoe_drn import DeepMoEDRN
 from keras_moe.models.deepmoe_outputs import deepmoe_outputs
@@ -28,6 +30,8 @@ __all__ = [
     "deepmoe_outputs",
     "default_gated_layers",
     "to_deepmoe",
+    "to_pmoe",
+    "default_pmoe_layer",
     "WIDENING",
     "prune_inactive_channels",
     "sparse_predict",

@@ -1,4 +1,4 @@
-"""Turns an existing Keras CNN, trained or not, into a DeepMoE network."""
+"""Turns an existing Keras CNN, trained or not, into a DeepMoE or pMoE net."""
 
 import keras
 import numpy as np
@@ -12,7 +12,7 @@ from keras_moe.models._graph import FunctionalGraph
 from keras_moe.models._graph import is_channelwise
 
 
-def _functional(model):
+def _functional(model, converted=GatedConv2D):
     if not isinstance(model, keras.Model):
         raise ValueError(
             f"`model` must be a Keras model. Received: model={model!r}"
@@ -27,10 +27,10 @@ def _functional(model):
             "(subclassed models have no graph to rewrite). Received: "
             f"model={model.name!r}"
         )
-    if any(isinstance(layer, GatedConv2D) for layer in model.layers):
+    if any(isinstance(layer, converted) for layer in model.layers):
         raise ValueError(
-            f"Model {model.name!r} already has GatedConv2D layers; convert a "
-            "plain CNN."
+            f"Model {model.name!r} already has {converted.__name__} layers; "
+            "convert a plain CNN."
         )
     if any(
         isinstance(layer, keras.Model)
@@ -376,3 +376,216 @@ def _copy_channelwise(layer, new):
         else:  # bias, beta, moving_mean
             fill = np.zeros(shape, value.dtype)
         new_var.assign(np.concatenate([value, fill], axis=axis))
+
+
+def _replaceable(layer):
+    """Whether a layer is a Conv2D a pMoE layer can stand in for."""
+    if type(layer) is not keras.layers.Conv2D:
+        return False
+    config = layer.get_config()
+    return (
+        tuple(config["strides"]) == (1, 1)
+        and tuple(config["dilation_rate"]) == (1, 1)
+        and config["padding"] == "same"
+        and config.get("groups", 1) == 1
+        and config["data_format"] == "channels_last"
+    )
+
+
+def default_pmoe_layer(model):
+    """The convolution `to_pmoe` replaces by default.
+
+    The last `Conv2D` of the model (in the order of `model.layers`) with
+    strides 1, `"same"` padding, no dilation or groups, channels-last data
+    and a known height and width: the place of the pMoE layer in the
+    paper's WRN-pMoE, after the network's last downsampling.
+
+    Args:
+        model: a functional or Sequential Keras model.
+
+    Returns:
+        The layer's name, or `None` when the model has no such layer.
+    """
+    for layer in reversed(model.layers):
+        if _replaceable(layer):
+            shape = tree.flatten(layer.input)[0].shape
+            if shape[1] is not None and shape[2] is not None:
+                return layer.name
+    return None
+
+
+def to_pmoe(
+    model,
+    layer=None,
+    num_experts=4,
+    patch_size=None,
+    patches_per_expert=None,
+    placement="halo",
+    gating="softmax",
+    name=None,
+):
+    """Replaces a convolution of a Keras CNN by a pMoE layer.
+
+    The chosen `Conv2D` (with `F` filters) becomes a `PatchExpertChoiceMoE`
+    of `num_experts` convolution experts with `F / num_experts` filters
+    each, combined by concatenation, so that the layer keeps its output
+    shape and, up to the routers' `patch_dim * num_experts` weights, its
+    parameter count: WRN-pMoE's construction from WRN (pMoE section 5),
+    applied to any CNN. Every other layer is copied with its weights
+    (trained ones included, batch-norm statistics too), and expert `j` is
+    initialised with the filters `j F / k` to `(j + 1) F / k - 1` of the
+    convolution (and their biases), so that on the patches an expert
+    selects it computes what those filters computed, times its gate. The
+    convolution's activation, if any, follows the pMoE layer. Unlike
+    `to_deepmoe`, the network's function changes at conversion: each
+    expert sees only the `patches_per_expert` patches it selects, and the
+    rest of its output is zero. Fine-tune the converted network.
+
+    Args:
+        model: a functional or built Sequential Keras model.
+        layer: the name of the `Conv2D` to replace: strides 1, `"same"`
+            padding, channels-last. Defaults to `default_pmoe_layer(model)`,
+            the last such convolution.
+        num_experts: int, the number of experts `k`; must divide the
+            convolution's filters. Defaults to 4.
+        patch_size: int or tuple of 2 ints, the patch size; must divide the
+            feature map. Defaults to a quarter of the map's height and
+            width where they divide by 4 (16 patches), else 1.
+        patches_per_expert: int, the patches `l` each expert selects.
+            Defaults to `n / k` (rounded up): on average every patch is
+            processed by one expert.
+        placement: see `PatchExpertChoiceMoE`; defaults to `"halo"`, whose
+            experts see the selected patches' neighbours as the replaced
+            convolution did.
+        gating: see `PatchExpertChoiceMoE`. Defaults to `"softmax"`.
+        name: name of the new model; defaults to `"<model name>_pmoe"`.
+
+    Returns:
+        A new functional Keras model; `model` is left unchanged.
+
+    Example:
+
+    ```python
+    cnn = keras.Sequential([
+        keras.Input((16, 16, 3)),
+        keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(10),
+    ])
+    pmoe = keras_moe.models.to_pmoe(cnn, num_experts=4, patch_size=4)
+    tuple(pmoe.output.shape)  # (None, 10)
+    ```
+    """
+    from keras_moe.layers import PatchExpertChoiceMoE
+
+    _functional(model, converted=PatchExpertChoiceMoE)
+    if layer is None:
+        layer = default_pmoe_layer(model)
+        if layer is None:
+            raise ValueError(
+                f"Model {model.name!r} has no Conv2D with strides 1, 'same' "
+                "padding and a known feature-map size to replace. Pass "
+                "`layer`, the name of such a convolution."
+            )
+    names = {item.name: item for item in model.layers}
+    target = names.get(layer)
+    if target is None or not _replaceable(target):
+        raise ValueError(
+            "`layer` must name a Conv2D of the model with strides 1, 'same' "
+            "padding, no dilation or groups and channels-last data. "
+            f"Received: layer={layer!r}"
+            + ("" if target is None else f" ({type(target).__name__})")
+        )
+    check_positive_int("num_experts", num_experts)
+    filters = target.filters
+    if filters % num_experts:
+        raise ValueError(
+            f"`num_experts` must divide the {filters} filters of layer "
+            f"{layer!r}. Received: num_experts={num_experts}"
+        )
+    _, height, width, _ = tree.flatten(target.input)[0].shape
+    if height is None or width is None:
+        raise ValueError(
+            f"Layer {layer!r} has an unknown feature-map size "
+            f"({height}x{width}); build the model for a fixed input size."
+        )
+    if patch_size is None:
+        patch_size = (
+            (height // 4, width // 4)
+            if height % 4 == 0 and width % 4 == 0
+            else (1, 1)
+        )
+    moe_layer = PatchExpertChoiceMoE(
+        num_experts=num_experts,
+        patches_per_expert=patches_per_expert or 1,
+        patch_size=patch_size,
+        expert_filters=filters // num_experts,
+        expert_kernel_size=target.kernel_size,
+        expert_use_bias=target.use_bias,
+        placement=placement,
+        gating=gating,
+        combine="concat",
+        dtype=target.dtype_policy,
+        name=target.name,
+    )
+    if patches_per_expert is None:
+        patch_h, patch_w = moe_layer.patch_size
+        if height % patch_h or width % patch_w:
+            raise ValueError(
+                f"`patch_size` must divide the {height}x{width} feature map "
+                f"of layer {layer!r}. Received: patch_size={patch_size}"
+            )
+        patches = (height // patch_h) * (width // patch_w)
+        moe_layer.patches_per_expert = -(-patches // num_experts)
+    activation = keras.activations.serialize(target.activation)
+    linear = target.activation is keras.activations.linear
+
+    tensors = {}
+    new_inputs = []
+    for tensor in model.inputs:
+        new = keras.Input(
+            tensor.shape[1:], dtype=tensor.dtype, name=tensor.name
+        )
+        tensors[id(tensor)] = new
+        new_inputs.append(new)
+    for item in model.layers:
+        if isinstance(item, keras.layers.InputLayer):
+            continue
+        inputs = tree.map_structure(lambda t: tensors[id(t)], item.input)
+        if item is target:
+            output = moe_layer(inputs)
+            kernel, bias = _numpy(target.kernel), None
+            if target.use_bias:
+                bias = _numpy(target.bias)
+            step = filters // num_experts
+            for j, expert in enumerate(moe_layer.expert_layers):
+                conv = _expert_convolution(expert)
+                conv.kernel.assign(kernel[..., j * step : (j + 1) * step])
+                if bias is not None:
+                    conv.bias.assign(bias[j * step : (j + 1) * step])
+            if not linear:
+                output = keras.layers.Activation(
+                    activation, name=f"{target.name}_activation"
+                )(output)
+        else:
+            new = _clone(item)
+            output = new(inputs)
+            new.set_weights(item.get_weights())
+        for old, value in zip(tree.flatten(item.output), tree.flatten(output)):
+            tensors[id(old)] = value
+    outputs = tree.map_structure(
+        lambda t: tensors[id(t)], _structure(model, "output")
+    )
+    inputs = tree.pack_sequence_as(_structure(model, "input"), new_inputs)
+    return keras.Model(inputs, outputs, name=name or f"{model.name}_pmoe")
+
+
+def _expert_convolution(expert):
+    if isinstance(expert, keras.layers.Conv2D):
+        return expert
+    return [
+        layer
+        for layer in expert.layers
+        if isinstance(layer, keras.layers.Conv2D)
+    ][-1]
