@@ -2,7 +2,7 @@
 
     KERAS_BACKEND=jax python examples/celeba_wrn_pmoe.py          # smiling
     python examples/celeba_wrn_pmoe.py --task smiling_eyeglasses  # 4 classes
-    python examples/celeba_wrn_pmoe.py --smoke                    # seconds
+    python examples/celeba_wrn_pmoe.py --smoke                    # 1-2 minutes
 
 The pMoE paper's CelebA experiment (section 5.2, figures 10 and 12):
 WRN-10-10 against WRN-pMoE, the same network with its last convolution
@@ -26,7 +26,7 @@ memory: reading enough images of the rare "smiling, eyeglasses" class for
 the four-class task takes several GB of RAM. `--smoke` trains a narrow
 network for one epoch on synthetic 64x64 images (no faces) whose classes
 are small local marks (a "smile" bar in the lower half, dark "eyeglasses"
-in the upper half), offline, in seconds.
+in the upper half), offline, in a minute or two.
 
 `--architecture authors` trains the networks of the authors' public code
 instead (presets `authors_wrn10_10_celeba` and

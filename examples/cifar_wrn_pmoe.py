@@ -2,7 +2,7 @@
 
     KERAS_BACKEND=jax python examples/cifar_wrn_pmoe.py            # CIFAR-10
     python examples/cifar_wrn_pmoe.py --data-dir path/to/cifar10  # image folder
-    KERAS_BACKEND=jax python examples/cifar_wrn_pmoe.py --smoke    # seconds
+    KERAS_BACKEND=jax python examples/cifar_wrn_pmoe.py --smoke    # 1-2 minutes
 
 The pMoE paper's sample-complexity experiment (appendix A, figure 14):
 WRN-10-10 against WRN-pMoE, the same network with its last convolution
@@ -20,7 +20,7 @@ adds random crops and flips).
 Data: CIFAR-10 through tensorflow-datasets (`--data-dir` is then its data
 directory), or an image folder with `train/<class>/*` and `test/<class>/*`
 given as `--data-dir`. `--smoke` trains a narrow network for one epoch on
-the handwritten digits that ship with scikit-learn, offline, in seconds.
+the handwritten digits that ship with scikit-learn, offline, in a minute or two.
 
 Networks: `--architecture paper` (default) builds the networks the paper's
 text describes, the pre-activation WRN with only its last convolution
@@ -137,7 +137,7 @@ def add_arguments(parser, train_sizes, test_size, output_dir):
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="a tiny offline run, in seconds",
+        help="a tiny offline run, in a minute or two",
     )
 
 

@@ -28,7 +28,7 @@ The final report gives the mean IoU (`keras.metrics.MeanIoU` with
 multiply-adds per frame, gate density per layer and time per epoch, and saves
 `results.json`, `curves.png` and `gate_density.png` in the output
 directory. `--smoke` trains a tiny DRN on small synthetic images of
-coloured rectangles, offline, in seconds.
+coloured rectangles, offline, in a minute or two.
 """
 
 import argparse
@@ -133,7 +133,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="a tiny DRN on small synthetic images, in seconds",
+        help="a tiny DRN on small synthetic images, in a minute or two",
     )
     return parser.parse_args(argv)
 

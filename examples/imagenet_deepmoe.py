@@ -2,7 +2,7 @@
 
     KERAS_BACKEND=jax python examples/imagenet_deepmoe.py \\
         --data-dir ~/tensorflow_datasets --manual-dir path/to/imagenet-tars
-    KERAS_BACKEND=jax python examples/imagenet_deepmoe.py --smoke  # seconds
+    KERAS_BACKEND=jax python examples/imagenet_deepmoe.py --smoke  # 1-2 minutes
     python examples/imagenet_deepmoe.py --dataset image_folder \\
         --data-dir path/to/imagenet-images   # train/<class>/*, test/<class>/*
 
@@ -86,7 +86,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="a tiny model on the digits dataset, in seconds",
+        help="a tiny model on the digits dataset, in a minute or two",
     )
     return parser.parse_args(argv)
 

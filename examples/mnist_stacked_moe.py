@@ -11,7 +11,7 @@ each digit class), and saves a heat map of that specialisation.
 
 Without `--mnist-path` the script uses `keras.datasets.mnist`, which needs
 the file in the Keras cache or a network connection. `--smoke` runs a tiny
-configuration on the digits that ship with scikit-learn, in seconds.
+configuration on the digits that ship with scikit-learn, in a minute or two.
 """
 
 import argparse

@@ -21,7 +21,7 @@ send the discriminative digit to its expert (the paper's figures 8-9):
 
 Without `--mnist-path` the script uses `keras.datasets.mnist` (the Keras
 cache or a download). `--smoke` runs a tiny version on the 8x8 digits that
-ship with scikit-learn, in seconds.
+ship with scikit-learn, in a minute or two.
 """
 
 import argparse
