@@ -140,30 +140,6 @@ def test_exported_artifact_gives_the_model_outputs(tmp_path, name):
         assert len({tuple(i.ravel()) for i in indices}) > 1
 
 
-@pytest.mark.skipif(BACKEND != "torch", reason="torch.export only")
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="torch.export cannot trace Keras' Conv2D with a dynamic batch; "
-    "when this passes, export the builders with a dynamic batch",
-)
-def test_torch_export_with_a_dynamic_batch_fails_for_a_plain_conv2d(
-    tmp_path,
-):
-    import torch
-
-    inputs = keras.Input((8, 8, 3))
-    outputs = keras.layers.Conv2D(4, 3)(inputs)
-    model = keras.Model(inputs, outputs)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    model.export(
-        str(tmp_path / "conv.pt2"),
-        format="torch",
-        verbose=False,
-        dynamic_shapes={0: batch},
-    )
-
-
 @pytest.mark.parametrize("family", list(model_zoo.FAMILIES))
 def test_keras_file_round_trip_in_safe_mode(tmp_path, family):
     build, shape = model_zoo.FAMILIES[family]

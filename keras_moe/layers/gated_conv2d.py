@@ -117,4 +117,6 @@ class GatedConv2D(keras.layers.Conv2D):
         return super().call(ops.multiply(inputs, gates))
 
     def compute_output_shape(self, inputs_shape, gates_shape=None):
+        if gates_shape is not None and self.built:
+            self._check_gates(tuple(inputs_shape), tuple(gates_shape))
         return super().compute_output_shape(inputs_shape)
