@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_moe import analysis
 from keras_moe import data
+from keras_moe.layers import GatedConv2D
 from keras_moe.training import CheckpointError
 from keras_moe.training import DeepMoETrainer
 from keras_moe.training import paper_schedule
@@ -350,7 +351,13 @@ def gate_report(
     """
     flops = analysis.flop_report(flops_network or network, gates=gates)
     stats = analysis.gate_statistics(
-        gates, labels, [layer.name for layer in network.gated_layers]
+        gates,
+        labels,
+        [
+            layer.name
+            for layer in network.layers
+            if isinstance(layer, GatedConv2D)
+        ],
     )
     analysis.plot_gate_density(
         stats, os.path.join(output_dir, "gate_density.png")

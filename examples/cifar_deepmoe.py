@@ -29,6 +29,7 @@ from keras_moe import analysis
 from keras_moe import data
 from keras_moe.models import DEEPMOE_RESNET_PRESETS
 from keras_moe.models import DeepMoEResNet
+from keras_moe.models import to_deepmoe
 
 
 def parse_args(argv=None):
@@ -70,6 +71,14 @@ def parse_args(argv=None):
         "plain ResNet baseline",
     )
     parser.add_argument(
+        "--from-model",
+        metavar="PATH",
+        help="start from this trained dense network (a .keras file, e.g. "
+        "the model.keras of a baseline run), converted to DeepMoE with "
+        "keras_moe.models.to_deepmoe, instead of building --model "
+        "(default: off)",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="a depth-8 network on 512 digits, 3 + 1 epochs (1-2 minutes)",
@@ -94,6 +103,9 @@ def load(args):
 
 
 def build(args, info):
+    if args.from_model:
+        dense = keras.saving.load_model(args.from_model)
+        return to_deepmoe(dense, num_classes=info.num_classes), dense
     config = dict(DEEPMOE_RESNET_PRESETS[args.model])
     config.update(num_classes=info.num_classes, input_shape=info.image_shape)
     if args.depth:
@@ -102,7 +114,7 @@ def build(args, info):
         config.update(depth=8)
         if config.get("gated", True):
             config.update(embedding_layers=2, embedding_filters=8)
-    return DeepMoEResNet(**config)
+    return DeepMoEResNet(**config), None
 
 
 def main(argv=None):
@@ -117,15 +129,38 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     train, test, info = load(args)
-    network = build(args, info)
-    gated = DEEPMOE_RESNET_PRESETS[args.model].get("gated", True)
-    described = args.model + (
-        f" at depth {network.depth}" if args.smoke or args.depth else ""
+    network, dense = build(args, info)
+    gated = bool(args.from_model) or DEEPMOE_RESNET_PRESETS[args.model].get(
+        "gated", True
     )
+    if dense is not None:
+        described = f"{args.from_model} converted to DeepMoE"
+    else:
+        described = args.model + (
+            f" at depth {network.depth}" if args.smoke or args.depth else ""
+        )
     print(
         f"{described} on {info.name} ({info.num_train} training, "
         f"{info.num_test} test images), backend {keras.backend.backend()}"
     )
+    before = {}
+    if dense is not None:
+        dense.compile(
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        logs = dense.evaluate(test, return_dict=True, verbose=0)
+        before = dict(
+            converted_from=args.from_model,
+            accuracy_before_conversion=float(logs["accuracy"]),
+            mmacs_before_conversion=analysis.flop_report(dense).dense_macs
+            / 1e6,
+        )
+        print(
+            f"before conversion: test accuracy "
+            f"{before['accuracy_before_conversion']:.4f}, "
+            f"{before['mmacs_before_conversion']:.1f} M multiply-adds"
+        )
     model, history = _common.train(
         network, train, test, args, metrics=["accuracy"], gated=gated
     )
@@ -163,11 +198,12 @@ def main(argv=None):
         stats,
         gated,
         test_accuracy=float(logs["accuracy"]),
+        **before,
     )
     _common.report(
         results,
         stats,
-        [f"{args.model}: test accuracy {results['test_accuracy']:.4f}"],
+        [f"{described}: test accuracy {results['test_accuracy']:.4f}"],
         args.output_dir,
         figures,
     )
