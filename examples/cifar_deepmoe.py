@@ -150,16 +150,26 @@ def main(argv=None):
             metrics=["accuracy"],
         )
         logs = dense.evaluate(test, return_dict=True, verbose=0)
+        # The converted network, before training: every gate is 1, so it
+        # computes the dense network's function.
+        network.compile(
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        converted = network.evaluate(test, return_dict=True, verbose=0)
         before = dict(
             converted_from=args.from_model,
             accuracy_before_conversion=float(logs["accuracy"]),
+            accuracy_at_conversion=float(converted["accuracy"]),
             mmacs_before_conversion=analysis.flop_report(dense).dense_macs
             / 1e6,
         )
         print(
             f"before conversion: test accuracy "
             f"{before['accuracy_before_conversion']:.4f}, "
-            f"{before['mmacs_before_conversion']:.1f} M multiply-adds"
+            f"{before['mmacs_before_conversion']:.1f} M multiply-adds; "
+            f"converted, before training: "
+            f"{before['accuracy_at_conversion']:.4f}"
         )
     model, history = _common.train(
         network, train, test, args, metrics=["accuracy"], gated=gated

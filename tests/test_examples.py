@@ -135,6 +135,26 @@ def test_cifar_deepmoe_smoke_and_resume(tmp_path, model):
     message = exit_message("cifar_deepmoe.py", *args, "--learning-rate", "0.05")
     assert "--output-dir" in message
     assert "learning_rate 0.1 (this run: 0.05)" in message
+    if "deepmoe" not in model:
+        # The trained baseline, converted to DeepMoE and fine-tuned.
+        converted = tmp_path / "converted"
+        out = run_example(
+            "cifar_deepmoe.py",
+            "--smoke",
+            "--from-model",
+            str(tmp_path / "model.keras"),
+            "--output-dir",
+            str(converted),
+        )
+        assert "before conversion: test accuracy" in out
+        after = json.loads((converted / "results.json").read_text())
+        # The conversion keeps the function: before fine-tuning, the
+        # converted network scores what the baseline scored.
+        for key in ("accuracy_before_conversion", "accuracy_at_conversion"):
+            assert after[key] == pytest.approx(
+                results["test_accuracy"], abs=1e-6
+            )
+        assert len(after["gate_density"]["per_layer"]) == 3
 
 
 def test_cifar_deepmoe_without_data_says_what_to_do(tmp_path):
