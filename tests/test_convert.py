@@ -172,6 +172,20 @@ def test_resnet50v2_converts_trains_and_runs_sparse():
         sparse_predict(moe, x), to_numpy(moe(x)), rtol=1e-3, atol=1e-5
     )
 
+    # The pMoE conversion of the same network: its last stride-1
+    # convolution becomes a pMoE layer, the rest keeps its weights.
+    pmoe = to_pmoe(model, num_experts=4)
+    layer = pmoe.get_layer(default_pmoe_layer(model))
+    assert isinstance(layer, PatchExpertChoiceMoE)
+    for name in ("conv1_conv", "predictions"):
+        for new, old in zip(
+            pmoe.get_layer(name).weights, model.get_layer(name).weights
+        ):
+            np.testing.assert_array_equal(to_numpy(new), to_numpy(old))
+    pmoe.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    history = pmoe.fit(x, y, epochs=1, batch_size=4, verbose=0).history
+    assert np.isfinite(history["loss"][0])
+
 
 def test_invalid_conversions():
     class Subclassed(keras.Model):

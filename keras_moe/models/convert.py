@@ -386,7 +386,11 @@ def _replaceable(layer):
     return (
         tuple(config["strides"]) == (1, 1)
         and tuple(config["dilation_rate"]) == (1, 1)
-        and config["padding"] == "same"
+        # A 1x1 convolution pads nothing: "valid" is "same".
+        and (
+            config["padding"] == "same"
+            or tuple(config["kernel_size"]) == (1, 1)
+        )
         and config.get("groups", 1) == 1
         and config["data_format"] == "channels_last"
     )
@@ -396,9 +400,9 @@ def default_pmoe_layer(model):
     """The convolution `to_pmoe` replaces by default.
 
     The last `Conv2D` of the model (in the order of `model.layers`) with
-    strides 1, `"same"` padding, no dilation or groups, channels-last data
-    and a known height and width: the place of the pMoE layer in the
-    paper's WRN-pMoE, after the network's last downsampling.
+    strides 1, `"same"` padding (or a 1x1 kernel), no dilation or groups,
+    channels-last data and a known height and width: the place of the
+    pMoE layer in the paper's WRN-pMoE, after the last downsampling.
 
     Args:
         model: a functional or Sequential Keras model.
@@ -444,8 +448,8 @@ def to_pmoe(
     Args:
         model: a functional or built Sequential Keras model.
         layer: the name of the `Conv2D` to replace: strides 1, `"same"`
-            padding, channels-last. Defaults to `default_pmoe_layer(model)`,
-            the last such convolution.
+            padding (or a 1x1 kernel), channels-last. Defaults to
+            `default_pmoe_layer(model)`, the last such convolution.
         num_experts: int, the number of experts `k`; must divide the
             convolution's filters. Defaults to 4.
         patch_size: int or tuple of 2 ints, the patch size; must divide the
