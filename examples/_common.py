@@ -315,6 +315,9 @@ def train(
     # A finished run's `fit` restores the weights and trains no epoch.
     network.fit(
         train_data,
+        # The pipeline shuffles; Keras ignores (and warns about) `shuffle`
+        # for datasets.
+        shuffle=False,
         epochs=epochs,
         validation_data=validation_data,
         callbacks=[

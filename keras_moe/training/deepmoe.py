@@ -666,7 +666,9 @@ def train_two_phase(
         fit_data = dict(x=data, shuffle=False)
         order_callbacks.append(_checkpoint.EpochOrder(data))
     else:
-        fit_data = dict(x=train_data)
+        # A dataset or generator orders its own batches: Keras ignores
+        # `shuffle` there (and warns when it is left at True).
+        fit_data = dict(x=train_data, shuffle=False)
     trained = False
     for phase, (start, stop) in (
         (1, (0, joint_epochs)),
