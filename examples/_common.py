@@ -67,8 +67,15 @@ def add_training_arguments(
         default=mu,
         help="mu, the weight of the embedding's cross-entropy L_e",
     )
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--learning-rate", type=float, default=learning_rate)
+    parser.add_argument(
+        "--batch-size", type=int, default=batch_size, help="batch size"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=learning_rate,
+        help="SGD learning rate at the start",
+    )
     parser.add_argument(
         "--lr-boundaries",
         type=int,
@@ -76,17 +83,37 @@ def add_training_arguments(
         default=list(lr_boundaries),
         help="epochs at which the learning rate is divided by 10",
     )
-    parser.add_argument("--weight-decay", type=float, default=weight_decay)
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=weight_decay,
+        help="L2 weight decay of the optimizer",
+    )
     parser.add_argument(
         "--nesterov",
         action=argparse.BooleanOptionalAction,
         default=nesterov,
         help="Nesterov momentum (0.9)",
     )
-    parser.add_argument("--max-train-examples", type=int)
-    parser.add_argument("--max-test-examples", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=output_dir)
+    parser.add_argument(
+        "--max-train-examples",
+        type=int,
+        help="train on a class-balanced random subset of this size "
+        "(default: all)",
+    )
+    parser.add_argument(
+        "--max-test-examples",
+        type=int,
+        help="evaluate on this many test images (default: all)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of weights and data order"
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=output_dir,
+        help="results, figures and checkpoints; a run resumes from here",
+    )
 
 
 def check_preset(name, presets, option="--model"):
