@@ -133,7 +133,13 @@ def test_exported_artifact_gives_the_model_outputs(tmp_path, name):
     serve = export_and_load(model, str(tmp_path / f"artifact{suffix}"))
     for batch in batches:
         expected = model(batch, training=False)
-        assert_same_outputs(serve(batch), expected)
+        # The artifact runs another compiler (XLA through TensorFlow):
+        # agreement to float32 rounding relative to the outputs' scale.
+        scale = max(
+            1.0,
+            max(float(np.max(np.abs(a))) for a in flat_outputs(expected)),
+        )
+        assert_same_outputs(serve(batch), expected, atol=1e-5 * scale)
     if isinstance(expected, dict) and "indices" in expected:
         # Not every expert picks the same patches: the routing is live.
         indices = to_numpy(expected["indices"])
