@@ -7,7 +7,7 @@ accuracies and how the experts specialise (the mean gate of each expert for
 each digit class), and saves a heat map of that specialisation.
 
     KERAS_BACKEND=jax python examples/mnist_stacked_moe.py \\
-        --mnist-path ../shared/datasets/mnist.npz
+        --mnist-path path/to/mnist.npz
 
 Without `--mnist-path` the script uses `keras.datasets.mnist`, which needs
 the file in the Keras cache or a network connection. `--smoke` runs a tiny

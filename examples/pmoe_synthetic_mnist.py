@@ -17,7 +17,7 @@ samples each model needs for 95% test accuracy, and how well the routers
 send the discriminative digit to its expert (the paper's figures 8-9):
 
     KERAS_BACKEND=jax python examples/pmoe_synthetic_mnist.py \\
-        --mnist-path ../shared/datasets/mnist.npz
+        --mnist-path path/to/mnist.npz
 
 Without `--mnist-path` the script uses `keras.datasets.mnist` (the Keras
 cache or a download). `--smoke` runs a tiny version on the 8x8 digits that

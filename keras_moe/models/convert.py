@@ -247,14 +247,7 @@ def to_deepmoe(
         widths.append(channels * widen)
 
     # === Functional graph ===
-    tensors = {}
-    new_inputs = []
-    for tensor in model.inputs:
-        new = keras.Input(
-            tensor.shape[1:], dtype=tensor.dtype, name=tensor.name
-        )
-        tensors[id(tensor)] = new
-        new_inputs.append(new)
+    tensors, new_inputs = _new_inputs(model)
     used = {layer.name for layer in model.layers}
     embedding_name = _unique("embedding", used)
     heads_name = _unique("gating_heads", used)
@@ -299,11 +292,32 @@ def to_deepmoe(
             new.set_weights(layer.get_weights())
         for old, value in zip(tree.flatten(layer.output), tree.flatten(output)):
             tensors[id(old)] = value
+    return _new_model(
+        model, tensors, new_inputs, name or f"{model.name}_deepmoe"
+    )
+
+
+def _new_inputs(model):
+    """New `keras.Input`s like the model's, and the map from the old ones."""
+    tensors = {}
+    new_inputs = []
+    for tensor in model.inputs:
+        new = keras.Input(
+            tensor.shape[1:], dtype=tensor.dtype, name=tensor.name
+        )
+        tensors[id(tensor)] = new
+        new_inputs.append(new)
+    return tensors, new_inputs
+
+
+def _new_model(model, tensors, new_inputs, name):
+    """The rewritten graph as a model with the original's input and output
+    structure."""
     outputs = tree.map_structure(
         lambda t: tensors[id(t)], _structure(model, "output")
     )
     inputs = tree.pack_sequence_as(_structure(model, "input"), new_inputs)
-    return keras.Model(inputs, outputs, name=name or f"{model.name}_deepmoe")
+    return keras.Model(inputs, outputs, name=name)
 
 
 def _structure(model, kind):
@@ -545,14 +559,7 @@ def to_pmoe(
     activation = keras.activations.serialize(target.activation)
     linear = target.activation is keras.activations.linear
 
-    tensors = {}
-    new_inputs = []
-    for tensor in model.inputs:
-        new = keras.Input(
-            tensor.shape[1:], dtype=tensor.dtype, name=tensor.name
-        )
-        tensors[id(tensor)] = new
-        new_inputs.append(new)
+    tensors, new_inputs = _new_inputs(model)
     for item in model.layers:
         if isinstance(item, keras.layers.InputLayer):
             continue
@@ -578,11 +585,7 @@ def to_pmoe(
             new.set_weights(item.get_weights())
         for old, value in zip(tree.flatten(item.output), tree.flatten(output)):
             tensors[id(old)] = value
-    outputs = tree.map_structure(
-        lambda t: tensors[id(t)], _structure(model, "output")
-    )
-    inputs = tree.pack_sequence_as(_structure(model, "input"), new_inputs)
-    return keras.Model(inputs, outputs, name=name or f"{model.name}_pmoe")
+    return _new_model(model, tensors, new_inputs, name or f"{model.name}_pmoe")
 
 
 def _expert_convolution(expert):
