@@ -457,3 +457,19 @@ def test_pruning_drops_what_calibration_never_used():
     assert (
         np.abs(to_numpy(pruned([x, g])) - to_numpy(model([x, g]))).max() > 1e-3
     )
+
+
+def test_passes_follow_the_strategy():
+    model = gated_pair()
+    x = np.random.default_rng(23).random((5, 6, 6, 3)).astype("float32")
+    a = pattern([0, 1], batch=1)[0]
+    b = pattern([6, 7], batch=1)[0]
+    g = np.stack([a, b, a, b, a])
+    union = SparsePredictor(model).passes([x, g], batch_size=2)
+    assert [list(p) for p in union] == [[0, 1], [2, 3], [4]]
+    single = SparsePredictor(model, strategy="per_example").passes([x, g])
+    assert [list(p) for p in single] == [[0], [1], [2], [3], [4]]
+    grouped = SparsePredictor(model, strategy="grouped", max_groups=2)
+    assert sorted(map(list, grouped.passes([x, g]))) == [[0, 2, 4], [1, 3]]
+    with pytest.raises(ValueError, match="batch_size"):
+        grouped.passes([x, g], batch_size=0)

@@ -467,6 +467,33 @@ class SparsePredictor:
 
     __call__ = predict
 
+    def passes(self, x, batch_size=128):
+        """The examples that `predict` computes together, pass by pass.
+
+        Runs only the gate part of the model. With `"union"` a pass is a
+        batch; with `"grouped"` a sub-batch of similar gate patterns; with
+        `"per_example"` one example. Each pass computes the union of the
+        channels its examples use, so the work a strategy does on `x` is
+        the cost of every example's gates replaced by its pass's union.
+
+        Args:
+            x: the inputs, as for `predict`.
+            batch_size: int, as for `predict`. Defaults to 128.
+
+        Returns:
+            A list of integer arrays of indices into `x`, one per pass, in
+            the order `predict` runs them.
+        """
+        batch_size = _check_positive_int("batch_size", batch_size)
+        inputs = _as_inputs(self.model, x)
+        result = []
+        for start in range(0, len(inputs[0]), batch_size):
+            batch = [t[start : start + batch_size] for t in inputs]
+            values = self._early_values(batch)
+            for group in self._passes(values, len(batch[0])):
+                result.append(start + np.asarray(group, dtype="int64"))
+        return result
+
     def cache_info(self):
         """Cache statistics.
 
