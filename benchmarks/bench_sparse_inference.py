@@ -10,8 +10,9 @@ convolutions that produce them) with a pruned network, compiled and cached.
 
 Both sides run compiled the same way: Keras' `predict_on_batch` (`jax.jit`
 on jax; on tensorflow with XLA, `jit_compile=True`, for both; torch
-predicts eagerly). The speed-up is dense over sparse time; the target is a
-speed-up of at least 0.7 times the FLOP reduction. Each row also times the
+predicts eagerly). The speed-up is dense over sparse time; the FLOP
+reduction is its limit, and their ratio says how much of the saved work
+shows as time (1.0 at best). Each row also times the
 eager paths (the model called directly, and `sparse_predict(...,
 compiled=False)`, which walks the graph layer by layer) and the first
 sparse call, which builds and compiles the pruned network.
@@ -40,7 +41,6 @@ from keras_moe.layers import GatedConv2D  # noqa: E402
 from keras_moe.models import SparsePredictor  # noqa: E402
 from keras_moe.models import sparse_predict  # noqa: E402
 
-TARGET = 0.7  # speed-up >= 0.7 x the FLOP reduction
 STAGES = (32, 64, 128)
 
 
@@ -194,8 +194,6 @@ def run(quick, zero_fraction, output):
                     "speedup": speedup,
                     "flop_reduction": reduction,
                     "speedup_over_flop_reduction": speedup / reduction,
-                    "target": TARGET,
-                    "meets_target": speedup / reduction >= TARGET,
                     "eager": {
                         "dense": times["dense_eager"],
                         "sparse": times["sparse_eager"],
@@ -220,7 +218,7 @@ def run(quick, zero_fraction, output):
     )
     print(
         "| case | dense (ms) | sparse (ms) | speed-up | FLOP reduction | "
-        "speed-up / reduction (target >= 0.7) | eager: dense, sparse (ms), "
+        "speed-up / reduction | eager: dense, sparse (ms), "
         "speed-up / reduction | first sparse call (s) |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -230,8 +228,7 @@ def run(quick, zero_fraction, output):
             f"| {row['name']} | {1e3 * row['baseline']['median_s']:.1f} | "
             f"{1e3 * row['candidate']['median_s']:.1f} | "
             f"{row['speedup']:.2f}x | {row['flop_reduction']:.2f}x | "
-            f"{row['speedup_over_flop_reduction']:.2f} "
-            f"({'yes' if row['meets_target'] else 'NO'}) | "
+            f"{row['speedup_over_flop_reduction']:.2f} | "
             f"{1e3 * eager['dense']['median_s']:.1f}, "
             f"{1e3 * eager['sparse']['median_s']:.1f}, "
             f"{eager['speedup_over_flop_reduction']:.2f} | "

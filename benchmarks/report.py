@@ -10,6 +10,8 @@ import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TITLES = {
+    "trained_gates": "Trained gates on CIFAR-10 test images: sparse "
+    "inference and the pruned export",
     "deepmoe_train_step": "(a, e) DeepMoE train step vs the same backbone "
     "without gating; cost of the embedding and gating heads",
     "patch_moe_vs_masked_dense": "(b) PatchExpertChoiceMoE forward + "
@@ -55,7 +57,9 @@ def section(benchmark, results):
     for result in results:
         lines.append(f"*{machine_line(result['machine'])}*")
         lines.append("")
-        if benchmark == "sparse_inference":
+        if benchmark == "trained_gates":
+            lines += trained_gates_lines(result)
+        elif benchmark == "sparse_inference":
             lines += [
                 "| case | dense (ms) | sparse (ms) | speed-up | FLOP "
                 "reduction | speed-up / reduction | eager speed-up / "
@@ -125,6 +129,53 @@ def section(benchmark, results):
                         f"{row['wrn_parameters']:,} parameters."
                     )
         lines.append("")
+    return lines
+
+
+def trained_gates_lines(result):
+    lines = [
+        "| case | passes | reduction per example | reduction by the "
+        "passes | dense (ms) | sparse (ms) | speed-up | speed-up / "
+        "per-example reduction |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    export = []
+    for row in result["rows"]:
+        if "per_example_reduction" not in row:
+            export.append(row)
+            continue
+        lines.append(
+            f"| {row['name']} ({row['examples']} images) | {row['passes']} | "
+            f"{row['per_example_reduction']:.2f}x | "
+            f"{row['strategy_reduction']:.2f}x | "
+            f"{1e3 * row['baseline']['median_s']:.0f} | "
+            f"{1e3 * row['candidate']['median_s']:.0f} | "
+            f"{row['speedup']:.2f}x | "
+            f"{row['speedup_over_per_example_reduction']:.2f} |"
+        )
+    pruned = result.get("pruned_export")
+    if pruned:
+        lines += [
+            "",
+            f"Pruned export (calibrated on {pruned['calibration_examples']:,}"
+            " training images): "
+            f"{pruned['original_parameters']:,} -> "
+            f"{pruned['pruned_parameters']:,} parameters; dense "
+            f"multiply-adds {pruned['original_dense_mmacs']:.1f} M -> "
+            f"{pruned['pruned_dense_mmacs']:.1f} M per image "
+            f"({pruned['pruned_effective_mmacs']:.1f} M with its gates); "
+            "time against the original, both run densely: "
+            + ", ".join(
+                f"{row['ratio']:.2f} ({row['name'].split(', ')[-1]})"
+                for row in export
+            )
+            + "; largest difference of the logits "
+            f"{pruned['max_abs_difference_calibration']:.1e} on the "
+            f"calibration images and {pruned['max_abs_difference_test']:.1e}"
+            f" on {pruned['test_examples']} test images (test accuracy "
+            f"{pruned['test_accuracy_original']:.3f} -> "
+            f"{pruned['test_accuracy_pruned']:.3f}).",
+        ]
     return lines
 
 
