@@ -393,6 +393,27 @@ def describe(model, kind, args):
     return described
 
 
+def finished_run(path, settings):
+    """The result saved at `path` by a run with the same settings, if any."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("settings") != settings:
+        raise SystemExit(
+            f"error: {path} holds a run made with other options or on "
+            "another backend; use another --output-dir"
+        )
+    return saved["result"]
+
+
+def save_run(path, result, settings):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"settings": settings, "result": result}, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def compare(args, train_by_class, x_test, y_test, info, presets, title):
     """Trains every model on every training-set size and reports.
 
@@ -416,6 +437,14 @@ def compare(args, train_by_class, x_test, y_test, info, presets, title):
     )
     models = {}
     runs, last_pmoe = [], None
+    # A finished run is kept under runs/ and read back when the same
+    # command (or one with more sizes, models or runs) is started again.
+    run_settings = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("output_dir", "train_sizes", "models", "runs")
+    }
+    run_settings["backend"] = keras.backend.backend()
     for size in sorted(args.train_sizes):
         x, y = take(train_by_class, size, args.seed)
         for kind in args.models:
@@ -427,8 +456,22 @@ def compare(args, train_by_class, x_test, y_test, info, presets, title):
                 print(
                     f"\n{LABELS[kind]}, {len(y)} training images, run {run + 1}"
                 )
-                result = train_and_test(model, x, y, x_test, y_test, args)
-                result.update(model=kind, train_size=len(y), run=run)
+                path = os.path.join(
+                    args.output_dir, "runs", f"{kind}_{len(y)}_{run}.json"
+                )
+                result = finished_run(path, run_settings)
+                if result is not None:
+                    print(f"already done, reading {path}")
+                else:
+                    result = train_and_test(model, x, y, x_test, y_test, args)
+                    result.update(model=kind, train_size=len(y), run=run)
+                    if kind == "wrn_pmoe":
+                        # For the routing figures of a resumed comparison.
+                        result["weights"] = path[: -len(".json")] + (
+                            ".weights.h5"
+                        )
+                        model.save_weights(result["weights"])
+                    save_run(path, result, run_settings)
                 runs.append(result)
                 print(
                     f"test accuracy {result['test_accuracy']:.4f} "
@@ -436,6 +479,8 @@ def compare(args, train_by_class, x_test, y_test, info, presets, title):
                 )
                 if kind == "wrn_pmoe":
                     last_pmoe = model
+                    if "weights" in result:
+                        model.load_weights(result["weights"])
     summary = {}
     for kind in args.models:
         summary[kind] = {}
