@@ -34,12 +34,33 @@ if os.environ["KERAS_BACKEND"] == "torch":
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
-# End-to-end tests run whole example scripts or several processes, and take
-# tens of seconds each. A run of the suite gives each of them to one backend,
-# in turn in the order of collection, so that running the suite on jax,
-# tensorflow and torch runs every one once; `--all-backends` runs them on
-# every backend. Tests already limited to some backends keep their limits.
-END_TO_END_MODULES = ("test_examples.py", "test_distributed.py")
+# Layer-level tests (the layers' equations, gradients, contracts) run on
+# every backend. Tests of whole networks built from the layers (builders,
+# export, training, conversion, data, docs) and end-to-end tests (example
+# scripts, several processes) are shared out: a run of the suite gives each
+# of them, and each parametrization, to one backend, in turn in the order
+# of collection, so that running the suite on jax, tensorflow and torch
+# runs every one once and every backend runs a share of each module (the
+# package's few backend-specific branches are all reached by every share).
+# `--all-backends` runs them all on this backend.
+SHARED_MODULES = (
+    "test_analysis_routing.py",
+    "test_builders.py",
+    "test_convert.py",
+    "test_data.py",
+    "test_distributed.py",
+    "test_docs_site.py",
+    "test_docstrings.py",
+    "test_examples.py",
+    "test_export.py",
+    "test_models_resnet.py",
+    "test_models_two_layer_pmoe.py",
+    "test_models_vgg_drn.py",
+    "test_models_wrn.py",
+    "test_patch_digits.py",
+    "test_readme.py",
+    "test_training.py",
+)
 BACKENDS = ("jax", "tensorflow", "torch")
 
 
@@ -54,8 +75,8 @@ def pytest_addoption(parser):
         "--all-backends",
         action="store_true",
         default=False,
-        help="run every end-to-end test (example scripts, several "
-        "processes) on this backend, not only those given to it",
+        help="run every network-level and end-to-end test on this backend, "
+        "not only those given to it",
     )
 
 
@@ -64,24 +85,35 @@ def pytest_collection_modifyitems(config, items):
     all_backends = config.getoption("--all-backends")
     skip_large = pytest.mark.skip(reason="large test: pass --run-large")
     shared = 0
+    kept, elsewhere = [], []
     for item in items:
         if "large" in item.keywords and not config.getoption("--run-large"):
             item.add_marker(skip_large)
         module = os.path.basename(str(item.fspath))
         if (
-            module in END_TO_END_MODULES
+            module in SHARED_MODULES
             and not all_backends
             and item.get_closest_marker("skipif") is None
         ):
             owner = BACKENDS[shared % len(BACKENDS)]
             shared += 1
             if owner != backend:
-                item.add_marker(
-                    pytest.mark.skip(
-                        reason=f"end-to-end test run on {owner} "
-                        "(pass --all-backends to run it here)"
-                    )
-                )
+                elsewhere.append(item)
+                continue
+        kept.append(item)
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = kept
+    config._shared_elsewhere = len(elsewhere)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    count = getattr(config, "_shared_elsewhere", 0)
+    if count:
+        terminalreporter.write_line(
+            f"{count} network-level and end-to-end tests were given to the "
+            "other backends (deselected here; --all-backends runs them)"
+        )
 
 
 def pytest_report_header(config):
