@@ -1,3 +1,4 @@
+import os
 import time
 
 import numpy as np
@@ -266,3 +267,31 @@ def test_cityscapes_labels_map_to_train_ids():
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         data.load_dataset(**kwargs)
+
+
+def test_without_tensorflow_the_error_names_the_data_extra():
+    # A single-backend install (jax or torch alone) has no TensorFlow: the
+    # loaders, whose pipelines are tf.data, say which extra to install.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['tensorflow'] = None\n"
+        "from keras_moe import data\n"
+        "try:\n"
+        "    data.load_dataset('digits')\n"
+        "except data.DatasetNotAvailableError as error:\n"
+        "    print(error)\n"
+    )
+    backend = "torch" if os.environ.get("KERAS_BACKEND") == "torch" else "jax"
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "keras-moe[data]" in result.stdout
+    assert "'digits'" in result.stdout

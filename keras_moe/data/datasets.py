@@ -165,6 +165,7 @@ def load_dataset(
             f"Received: batch_size={batch_size!r}"
         )
     image_size = _size_pair(image_size)
+    _require_tensorflow(name)
     if name == "image_folder":
         train, test, info = _image_folder(data_dir, image_size)
     elif name == "digits":
@@ -218,6 +219,20 @@ def load_cifar100(data_dir=None, **kwargs):
         kwargs.setdefault("normalize", (aug.CIFAR100_MEAN, aug.CIFAR100_STD))
         return load_dataset("image_folder", data_dir=data_dir, **kwargs)
     return load_dataset("cifar100", data_dir=data_dir, **kwargs)
+
+
+def _require_tensorflow(name):
+    """The pipelines are `tf.data`: TensorFlow must be importable, whatever
+    the Keras backend."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError as error:
+        raise DatasetNotAvailableError(
+            f"Loading {name!r} needs TensorFlow, whose `tf.data` pipelines "
+            "feed `model.fit` on every Keras backend: install the `data` "
+            'extra (`pip install "keras-moe[data]"`, or `pip install '
+            '".[jax,data]"` in a clone), or pass NumPy arrays to `fit`.'
+        ) from error
 
 
 def _size_pair(image_size):
