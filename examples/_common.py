@@ -61,6 +61,9 @@ _LAZY = (
 )
 
 
+# A help text that states its default in words ends with "%(default).0s",
+# which prints nothing but keeps ArgumentDefaultsHelpFormatter from adding
+# "(default: None)".
 def add_training_arguments(
     parser,
     joint_epochs,
@@ -139,12 +142,12 @@ def add_training_arguments(
         "--max-train-examples",
         type=int,
         help="train on a class-balanced random subset of this size "
-        "(default: all)",
+        "(default: all)%(default).0s",
     )
     parser.add_argument(
         "--max-test-examples",
         type=int,
-        help="evaluate on this many test images (default: all)",
+        help="evaluate on this many test images (default: all)%(default).0s",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of weights and data order"

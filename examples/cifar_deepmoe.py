@@ -47,6 +47,9 @@ def _imports():
     from keras_moe.models import to_deepmoe
 
 
+# A help text that states its default in words ends with "%(default).0s",
+# which prints nothing but keeps ArgumentDefaultsHelpFormatter from adding
+# "(default: None)".
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -90,7 +93,7 @@ def parse_args(argv=None):
         help="start from this trained dense network (a .keras file, e.g. "
         "the model.keras of a baseline run), converted to DeepMoE with "
         "keras_moe.models.to_deepmoe, instead of building --model "
-        "(default: off)",
+        "(default: off)%(default).0s",
     )
     parser.add_argument(
         "--smoke",

@@ -30,6 +30,9 @@ def _imports():
     from keras_moe.layers import MixtureOfExperts
 
 
+# A help text that states its default in words ends with "%(default).0s",
+# which prints nothing but keeps ArgumentDefaultsHelpFormatter from adding
+# "(default: None)".
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -38,7 +41,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--mnist-path",
         help="path to a local mnist.npz (default: keras.datasets.mnist, "
-        "from the Keras cache or the network)",
+        "from the Keras cache or the network)%(default).0s",
     )
     parser.add_argument(
         "--experts", type=int, default=4, help="experts in each MoE layer"
