@@ -469,15 +469,33 @@ def plot_curves(history, path, panels):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    # Markers show a run of one epoch; the styles tell apart curves that
+    # lie on each other (gate density and the FLOPs ratio often do).
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
     panels = [p for p in panels if any(k in history for k in p)]
     fig, axes = plt.subplots(
         1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False
     )
     for ax, keys in zip(axes[0], panels):
-        for key in keys:
-            if key in history:
-                ax.plot(history["epoch"], history[key], label=key)
+        present = [key for key in keys if key in history]
+        for key, (marker, line) in zip(present, styles * len(present)):
+            ax.plot(
+                history["epoch"],
+                history[key],
+                marker=marker,
+                linestyle=line,
+                markersize=5,
+                markerfacecolor="none",
+                label=key,
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epochs = sorted(set(history["epoch"]))
+        if len(epochs) == 1:
+            # The locator falls back to fractions on a range of one epoch.
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -61,6 +61,7 @@ import time
 MODELS = ("wrn", "wrn_pmoe")
 ARCHITECTURES = ("paper", "authors")
 LABELS = {"wrn": "WRN", "wrn_pmoe": "WRN-pMoE"}
+STYLES = {"wrn": ("s", "-"), "wrn_pmoe": ("^", "--")}
 
 
 def _imports():
@@ -407,8 +408,16 @@ def plot_accuracy(summary, path, title):
         sizes = sorted(int(s) for s in by_size)
         means = [by_size[str(s)]["mean"] for s in sizes]
         stds = [by_size[str(s)]["std"] for s in sizes]
+        # Distinct markers and lines: the two curves can lie on each other.
+        marker, line = STYLES[kind]
         ax.errorbar(
-            sizes, means, stds, marker="^", capsize=3, label=LABELS[kind]
+            sizes,
+            means,
+            stds,
+            marker=marker,
+            linestyle=line,
+            capsize=3,
+            label=LABELS[kind],
         )
     ax.set_xlabel("number of training samples")
     ax.set_ylabel("test accuracy")

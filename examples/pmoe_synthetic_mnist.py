@@ -333,12 +333,15 @@ def plot(summary, args, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    # Distinct markers and lines: the curves can lie on each other.
+    styles = {"separate": ("o", "-"), "joint": ("s", "--"), "cnn": ("^", ":")}
     for name in args.models:
         ax.errorbar(
             args.sample_sizes,
             summary[name]["mean_accuracy"],
             yerr=summary[name]["std_accuracy"],
-            marker="o",
+            marker=styles[name][0],
+            linestyle=styles[name][1],
             capsize=3,
             label=LABELS[name],
         )
