@@ -9,18 +9,61 @@ import json
 import os
 import time
 
-import keras
-import numpy as np
-
-from keras_moe import analysis
-from keras_moe import data
-from keras_moe.layers import GatedConv2D
-from keras_moe.training import CheckpointError
-from keras_moe.training import DeepMoETrainer
-from keras_moe.training import paper_schedule
-from keras_moe.training import train_two_phase
+# The argument helpers import only the standard library, so that `--help`
+# answers at once; `_imports` brings in Keras and keras_moe when a function
+# needs them.
+_IMPORTED = False
 
 
+def _imports():
+    """Imports Keras, NumPy and keras_moe as globals of this module, and
+    defines the callbacks (which subclass a Keras class)."""
+    global _IMPORTED, keras, np, analysis, data, GatedConv2D
+    global CheckpointError, DeepMoETrainer, paper_schedule, train_two_phase
+    global EpochTimer, BaselineRecord
+    if _IMPORTED:
+        return
+    import keras
+    import numpy as np
+
+    from keras_moe import analysis
+    from keras_moe import data
+    from keras_moe.layers import GatedConv2D
+    from keras_moe.training import CheckpointError
+    from keras_moe.training import DeepMoETrainer
+    from keras_moe.training import paper_schedule
+    from keras_moe.training import train_two_phase
+
+    EpochTimer, BaselineRecord = _callbacks(keras)
+    _IMPORTED = True
+
+
+def __getattr__(name):
+    # `_common.EpochTimer` and friends, for callers outside this module.
+    if name in _LAZY:
+        _imports()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_LAZY = (
+    "keras",
+    "np",
+    "analysis",
+    "data",
+    "GatedConv2D",
+    "CheckpointError",
+    "DeepMoETrainer",
+    "paper_schedule",
+    "train_two_phase",
+    "EpochTimer",
+    "BaselineRecord",
+)
+
+
+# A help text that states its default in words ends with "%(default).0s",
+# which prints nothing but keeps ArgumentDefaultsHelpFormatter from adding
+# "(default: None)".
 def add_training_arguments(
     parser,
     joint_epochs,
@@ -99,12 +142,12 @@ def add_training_arguments(
         "--max-train-examples",
         type=int,
         help="train on a class-balanced random subset of this size "
-        "(default: all)",
+        "(default: all)%(default).0s",
     )
     parser.add_argument(
         "--max-test-examples",
         type=int,
-        help="evaluate on this many test images (default: all)",
+        help="evaluate on this many test images (default: all)%(default).0s",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of weights and data order"
@@ -123,13 +166,23 @@ def check_preset(name, presets, option="--model"):
         )
 
 
-def load_or_exit(loader, *args, **kwargs):
+OFFLINE_HINT = (
+    "Without the data, --smoke (or --dataset digits, the small dataset "
+    "that ships with scikit-learn) runs offline."
+)
+
+
+def load_or_exit(loader, *args, hint=OFFLINE_HINT, **kwargs):
     """Calls a `keras_moe.data` loader; a missing dataset ends the script
-    with the loader's explanation instead of a traceback."""
+    with the loader's explanation, and `hint` (the offline way to run the
+    script), instead of a traceback."""
+    _imports()
     try:
         return loader(*args, **kwargs)
     except data.DatasetNotAvailableError as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(
+            f"error: {error}\n{hint}" if hint else f"error: {error}"
+        )
 
 
 def per_example(dataset, transform, batch_size):
@@ -149,19 +202,94 @@ def per_example(dataset, transform, batch_size):
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Logs the wall time of every epoch as `epoch_seconds`."""
+def _callbacks(keras):
+    """The callback classes, defined once Keras is imported."""
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
+    class EpochTimer(keras.callbacks.Callback):
+        """Logs the wall time of every epoch as `epoch_seconds`."""
 
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["epoch_seconds"] = time.perf_counter() - self.start
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                logs["epoch_seconds"] = time.perf_counter() - self.start
+
+    class BaselineRecord(keras.callbacks.Callback):
+        """The configuration and history of a baseline trained with
+        `BackupAndRestore`, in `<backup>/run.json`, so that a resumed run is
+        checked against the configuration that made the backup and reports
+        every epoch."""
+
+        def __init__(self, directory, config):
+            super().__init__()
+            self.directory = directory
+            self.path = os.path.join(directory, "run.json")
+            self.config = json.loads(json.dumps(config))
+            self.history = []
+
+        def resume(self, args, epochs):
+            """Checks the backup against this run's configuration, says what
+            it resumes, and keeps the history of the epochs it holds."""
+            metadata = os.path.join(self.directory, "training_metadata.json")
+            if not os.path.exists(self.path):
+                if os.path.exists(metadata):
+                    raise _cannot_resume(
+                        args,
+                        self.directory,
+                        "its backup has no run.json to tell which "
+                        "configuration made it",
+                    )
+                self._write()
+                return
+            try:
+                with open(self.path) as f:
+                    record = json.load(f)
+                saved, history = record["config"], record["history"]
+                done = 0
+                if os.path.exists(metadata):
+                    with open(metadata) as f:
+                        done = int(json.load(f)["epoch"])
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise _cannot_resume(
+                    args, self.directory, f"its backup is damaged ({error!r})"
+                ) from None
+            if saved != self.config:
+                raise _cannot_resume(
+                    args,
+                    self.directory,
+                    "it was made by a run with another configuration: "
+                    + _differences(saved, self.config),
+                )
+            self.history = [row for row in history if row["epoch"] <= done]
+            if done >= epochs:
+                print(
+                    f"Training already complete in {self.directory}: "
+                    f"{done} of {epochs} epochs done."
+                )
+            elif done:
+                print(
+                    f"Resuming from {self.directory}: epoch {done + 1} of "
+                    f"{epochs} ({done} done)."
+                )
+
+        def on_epoch_end(self, epoch, logs=None):
+            row = {k: float(v) for k, v in (logs or {}).items()}
+            self.history.append({**row, "epoch": epoch + 1})
+            self._write()
+
+        def _write(self):
+            os.makedirs(self.directory, exist_ok=True)
+            with open(self.path + ".tmp", "w") as f:
+                json.dump({"config": self.config, "history": self.history}, f)
+            os.replace(self.path + ".tmp", self.path)
+
+    return EpochTimer, BaselineRecord
 
 
 def optimizer_fn(args):
     """A function returning a new SGD optimizer with momentum 0.9."""
+    _imports()
 
     def make():
         optimizer = keras.optimizers.SGD(
@@ -182,6 +310,7 @@ def run_config(args):
     """What a resumed run must share with the run that it resumes: every
     option but the folders, and the backend (the results are measurements
     of one backend)."""
+    _imports()
     config = {
         k: v
         for k, v in sorted(vars(args).items())
@@ -205,76 +334,6 @@ def _differences(saved, given):
         for key in sorted(set(saved) | set(given))
         if saved.get(key) != given.get(key)
     )
-
-
-class BaselineRecord(keras.callbacks.Callback):
-    """The configuration and history of a baseline trained with
-    `BackupAndRestore`, in `<backup>/run.json`, so that a resumed run is
-    checked against the configuration that made the backup and reports
-    every epoch."""
-
-    def __init__(self, directory, config):
-        super().__init__()
-        self.directory = directory
-        self.path = os.path.join(directory, "run.json")
-        self.config = json.loads(json.dumps(config))
-        self.history = []
-
-    def resume(self, args, epochs):
-        """Checks the backup against this run's configuration, says what
-        it resumes, and keeps the history of the epochs it holds."""
-        metadata = os.path.join(self.directory, "training_metadata.json")
-        if not os.path.exists(self.path):
-            if os.path.exists(metadata):
-                raise _cannot_resume(
-                    args,
-                    self.directory,
-                    "its backup has no run.json to tell which configuration "
-                    "made it",
-                )
-            self._write()
-            return
-        try:
-            with open(self.path) as f:
-                record = json.load(f)
-            saved, history = record["config"], record["history"]
-            done = 0
-            if os.path.exists(metadata):
-                with open(metadata) as f:
-                    done = int(json.load(f)["epoch"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise _cannot_resume(
-                args, self.directory, f"its backup is damaged ({error!r})"
-            ) from None
-        if saved != self.config:
-            raise _cannot_resume(
-                args,
-                self.directory,
-                "it was made by a run with another configuration: "
-                + _differences(saved, self.config),
-            )
-        self.history = [row for row in history if row["epoch"] <= done]
-        if done >= epochs:
-            print(
-                f"Training already complete in {self.directory}: "
-                f"{done} of {epochs} epochs done."
-            )
-        elif done:
-            print(
-                f"Resuming from {self.directory}: epoch {done + 1} of "
-                f"{epochs} ({done} done)."
-            )
-
-    def on_epoch_end(self, epoch, logs=None):
-        row = {k: float(v) for k, v in (logs or {}).items()}
-        self.history.append({**row, "epoch": epoch + 1})
-        self._write()
-
-    def _write(self):
-        os.makedirs(self.directory, exist_ok=True)
-        with open(self.path + ".tmp", "w") as f:
-            json.dump({"config": self.config, "history": self.history}, f)
-        os.replace(self.path + ".tmp", self.path)
 
 
 def train(
@@ -301,6 +360,7 @@ def train(
         `(model, history)`: the compiled model to evaluate (the
         `DeepMoETrainer` or the network) and the per-epoch history.
     """
+    _imports()
     schedule = paper_schedule(args.learning_rate, args.lr_boundaries)
     verbose = 2 if args.smoke else 1
     config = run_config(args)
@@ -379,6 +439,7 @@ def gate_report(
     Returns:
         `(flop_report, gate_statistics)`.
     """
+    _imports()
     flops = analysis.flop_report(flops_network or network, gates=gates)
     stats = analysis.gate_statistics(
         gates,
@@ -408,15 +469,33 @@ def plot_curves(history, path, panels):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    # Markers show a run of one epoch; the styles tell apart curves that
+    # lie on each other (gate density and the FLOPs ratio often do).
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
     panels = [p for p in panels if any(k in history for k in p)]
     fig, axes = plt.subplots(
         1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False
     )
     for ax, keys in zip(axes[0], panels):
-        for key in keys:
-            if key in history:
-                ax.plot(history["epoch"], history[key], label=key)
+        present = [key for key in keys if key in history]
+        for key, (marker, line) in zip(present, styles * len(present)):
+            ax.plot(
+                history["epoch"],
+                history[key],
+                marker=marker,
+                linestyle=line,
+                markersize=5,
+                markerfacecolor="none",
+                label=key,
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epochs = sorted(set(history["epoch"]))
+        if len(epochs) == 1:
+            # The locator falls back to fractions on a range of one epoch.
+            ax.set_xticks(epochs)
+            ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -426,6 +505,7 @@ def plot_curves(history, path, panels):
 
 def results(args, info, network, history, flops, stats, gated, **metrics):
     """The dict written to `results.json`."""
+    _imports()
     seconds = [s for s in history.get("epoch_seconds", []) if s == s]
     return {
         "model": args.model,

@@ -33,18 +33,21 @@ instead (presets `authors_wrn10_10_celeba` and
 `authors_wrn10_10_pmoe_celeba`, with the task's number of classes), and
 `--widening-factor` a narrower WRN-10-k; see `cifar_wrn_pmoe.py --help`.
 
-Writes `results.json`, `accuracy.png`, `selection_frequency.png` and
-`patch_selection.png` to `--output-dir`, as `cifar_wrn_pmoe.py` does.
+Writes to `--output-dir`, as `cifar_wrn_pmoe.py` does, and lists at the
+end of the run: `results.json` (every run, means and standard deviations,
+parameters, FLOPs and routing statistics), `accuracy.png`,
+`selection_frequency.png` and `patch_selection.png` (the last two with
+WRN-pMoE in `--models`), `runs/<model>_<size>_<run>.json` (each finished
+run, read back when the comparison is started again) and
+`runs/wrn_pmoe_<size>_<run>.weights.h5` (each WRN-pMoE run's weights, for
+the routing figures of a resumed comparison).
 """
 
 import argparse
 import os
 
-import numpy as np
 from cifar_wrn_pmoe import add_arguments
 from cifar_wrn_pmoe import run_comparison
-
-from keras_moe import data
 
 TASKS = ("smiling", "smiling_eyeglasses")
 CLASS_NAMES = {
@@ -63,7 +66,12 @@ def parse_args(argv=None):
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--task", default="smiling", choices=TASKS)
+    parser.add_argument(
+        "--task",
+        default="smiling",
+        choices=TASKS,
+        help="smiling: 2 classes; smiling_eyeglasses: 4 classes",
+    )
     parser.add_argument(
         "--data-dir",
         help="tensorflow-datasets directory holding celeb_a, or an image "
@@ -93,6 +101,8 @@ def synthetic(num_examples, task, seed):
     height in the upper half. Labels: `smiling`, or `2 * smiling +
     eyeglasses` for the four-class task, as `keras_moe.data` gives them.
     """
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0.3, 0.7, size=(num_examples, 8, 8, 3))
     images = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
@@ -113,6 +123,8 @@ def synthetic(num_examples, task, seed):
 
 def load(args):
     """CelebA from tensorflow-datasets, or synthetic data for `--smoke`."""
+    from keras_moe import data
+
     if args.smoke:
         import tensorflow as tf
 

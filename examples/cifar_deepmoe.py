@@ -23,25 +23,42 @@ import argparse
 import os
 
 import _common
-import keras
 
-from keras_moe import analysis
-from keras_moe import data
-from keras_moe.models import DEEPMOE_RESNET_PRESETS
-from keras_moe.models import DeepMoEResNet
-from keras_moe.models import to_deepmoe
+# The CIFAR presets of `keras_moe.models.DEEPMOE_RESNET_PRESETS`, named here
+# so that `--help` answers without importing Keras.
+CIFAR_PRESETS = tuple(
+    f"{kind}{depth}_{dataset}"
+    for kind in ("narrow_deepmoe_resnet", "resnet", "wide_deepmoe_resnet")
+    for depth in (20, 56, 110)
+    for dataset in ("cifar10", "cifar100")
+)
 
 
+def _imports():
+    """Keras and keras_moe, imported once the arguments are parsed."""
+    global keras, analysis, data, DEEPMOE_RESNET_PRESETS
+    global DeepMoEResNet, to_deepmoe
+    import keras
+
+    from keras_moe import analysis
+    from keras_moe import data
+    from keras_moe.models import DEEPMOE_RESNET_PRESETS
+    from keras_moe.models import DeepMoEResNet
+    from keras_moe.models import to_deepmoe
+
+
+# A help text that states its default in words ends with "%(default).0s",
+# which prints nothing but keeps ArgumentDefaultsHelpFormatter from adding
+# "(default: None)".
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    cifar_presets = sorted(p for p in DEEPMOE_RESNET_PRESETS if "cifar" in p)
     parser.add_argument(
         "--model",
         default="wide_deepmoe_resnet56_cifar10",
-        help=f"a preset: {', '.join(cifar_presets)}",
+        help=f"a preset: {', '.join(sorted(CIFAR_PRESETS))}",
     )
     parser.add_argument(
         "--dataset",
@@ -76,7 +93,7 @@ def parse_args(argv=None):
         help="start from this trained dense network (a .keras file, e.g. "
         "the model.keras of a baseline run), converted to DeepMoE with "
         "keras_moe.models.to_deepmoe, instead of building --model "
-        "(default: off)",
+        "(default: off)%(default).0s",
     )
     parser.add_argument(
         "--smoke",
@@ -119,6 +136,7 @@ def build(args, info):
 
 def main(argv=None):
     args = parse_args(argv)
+    _imports()
     _common.check_preset(args.model, DEEPMOE_RESNET_PRESETS)
     if args.smoke:
         args.dataset, args.batch_size = "digits", 32
@@ -127,8 +145,9 @@ def main(argv=None):
         args.max_test_examples = args.max_test_examples or 256
         args.lr_boundaries = [3]
     keras.utils.set_random_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
     train, test, info = load(args)
+    # Made once the data is there: a run without data leaves no folder.
+    os.makedirs(args.output_dir, exist_ok=True)
     network, dense = build(args, info)
     gated = bool(args.from_model) or DEEPMOE_RESNET_PRESETS[args.model].get(
         "gated", True

@@ -30,6 +30,9 @@ import os
 STUDIES = ("tradeoff", "lambda")
 
 
+# A help text that states its default in words ends with "%(default).0s",
+# which prints nothing but keeps ArgumentDefaultsHelpFormatter from adding
+# "(default: None)".
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -51,35 +54,37 @@ def parse_args(argv=None):
         type=float,
         nargs="+",
         help="lambda values of the DeepMoE runs (default: 2 4 8 for "
-        "tradeoff; 0.001 0.01 0.1 1 2 8 for lambda)",
+        "tradeoff; 0.001 0.01 0.1 1 2 8 for lambda)%(default).0s",
     )
     parser.add_argument(
         "--train-examples",
         type=int,
         help="training images, balanced over the classes (default: 8000 "
-        "for tradeoff, 6400 for lambda)",
+        "for tradeoff, 6400 for lambda)%(default).0s",
     )
     parser.add_argument(
         "--test-examples",
         type=int,
-        help="test images (default: all 10000 for tradeoff, 2000 for lambda)",
+        help="test images (default: all 10000 for tradeoff, 2000 for "
+        "lambda)%(default).0s",
     )
     parser.add_argument(
         "--joint-epochs",
         type=int,
-        help="joint epochs (default: 8 for tradeoff, 1 for lambda); "
-        "baselines train joint + fine-tune epochs",
+        help="joint epochs (default: 8 for tradeoff, 1 for lambda; "
+        "baselines train joint + fine-tune epochs)%(default).0s",
     )
     parser.add_argument(
         "--finetune-epochs",
         type=int,
         help="fine-tuning epochs with the gating frozen (default: 2 for "
-        "tradeoff, 0 for lambda)",
+        "tradeoff, 0 for lambda)%(default).0s",
     )
     parser.add_argument(
         "--batch-size",
         type=int,
-        help="batch size (default: 128 for tradeoff, 64 for lambda)",
+        help="batch size (default: 128 for tradeoff, 64 for lambda)"
+        "%(default).0s",
     )
     parser.add_argument(
         "--small-depth",
@@ -87,7 +92,9 @@ def parse_args(argv=None):
         default=8,
         help="depth of the small plain ResNet baseline (tradeoff)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed of every run"
+    )
     parser.add_argument(
         "--output-dir",
         default="outputs/cifar_deepmoe_tradeoff",

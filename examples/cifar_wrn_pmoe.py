@@ -36,12 +36,21 @@ follow it. `--placement halo` computes the authors' pMoE layer on the
 selected patches only (equal outputs there in inference mode), instead of
 on the whole masked map as their code does.
 
-Writes `results.json` (every run, the mean and standard deviation per
-training-set size, parameters and FLOPs of both models, routing statistics
-of the last WRN-pMoE), `accuracy.png` (test accuracy against the number of
-training samples), `selection_frequency.png` (how often each expert picks
-each patch position on the test set) and `patch_selection.png` (the patches
-the experts picked in one test image) to `--output-dir`.
+Writes to `--output-dir`, and lists at the end of the run:
+
+- `results.json`: every run, the mean and standard deviation per
+  training-set size, parameters and FLOPs of both models, routing
+  statistics of the last WRN-pMoE;
+- `accuracy.png`: test accuracy against the number of training samples;
+- `selection_frequency.png`: how often each expert picks each patch
+  position on the test set (with WRN-pMoE in `--models`);
+- `patch_selection.png`: the patches the experts picked in one test image
+  (with WRN-pMoE in `--models`);
+- `runs/<model>_<size>_<run>.json`: each finished run (its settings and
+  result), read back instead of trained again when the comparison is
+  started again with the same options;
+- `runs/wrn_pmoe_<size>_<run>.weights.h5`: the weights of each WRN-pMoE
+  run, from which a resumed comparison draws its routing figures.
 """
 
 import argparse
@@ -49,16 +58,22 @@ import json
 import os
 import time
 
-import keras
-import numpy as np
-
-from keras_moe import analysis
-from keras_moe import data
-from keras_moe.models import WideResNet
-
 MODELS = ("wrn", "wrn_pmoe")
 ARCHITECTURES = ("paper", "authors")
 LABELS = {"wrn": "WRN", "wrn_pmoe": "WRN-pMoE"}
+STYLES = {"wrn": ("s", "-"), "wrn_pmoe": ("^", "--")}
+
+
+def _imports():
+    """Keras, NumPy and keras_moe, imported once the arguments are parsed
+    (so that `--help` answers at once)."""
+    global keras, np, analysis, data, WideResNet
+    import keras
+    import numpy as np
+
+    from keras_moe import analysis
+    from keras_moe import data
+    from keras_moe.models import WideResNet
 
 
 def add_arguments(parser, train_sizes, test_size, output_dir):
@@ -76,12 +91,30 @@ def add_arguments(parser, train_sizes, test_size, output_dir):
         default=test_size,
         help="number of test images (class-balanced)",
     )
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--learning-rate", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.0)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=5,
+        help="independent runs per model and training-set size",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=50, help="training epochs of each run"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=128, help="batch size"
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=0.1, help="SGD learning rate"
+    )
+    parser.add_argument(
+        "--momentum", type=float, default=0.0, help="SGD momentum"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="weight decay of the optimizer (0: none)",
+    )
     parser.add_argument(
         "--architecture",
         default="paper",
@@ -91,7 +124,9 @@ def add_arguments(parser, train_sizes, test_size, output_dir):
         "public code, parameter for parameter (no shortcut around the MoE, "
         "BN -> ReLU -> conv experts behind the gate, softmax_all gating)",
     )
-    parser.add_argument("--depth", type=int, default=10)
+    parser.add_argument(
+        "--depth", type=int, default=10, help="depth of the WRN-depth-k"
+    )
     parser.add_argument(
         "--widening-factor",
         type=int,
@@ -100,20 +135,27 @@ def add_arguments(parser, train_sizes, test_size, output_dir):
         "(e.g. 4) is the same network at a reduced width, the experts' "
         "filters following it",
     )
-    parser.add_argument("--dropout-rate", type=float, default=0.0)
+    parser.add_argument(
+        "--dropout-rate",
+        type=float,
+        default=0.0,
+        help="dropout rate inside the residual blocks",
+    )
     parser.add_argument(
         "--gating",
         default=None,
         choices=["softmax", "hard", "softmax_all"],
         help="gating of the pMoE layer (softmax is joint training); "
-        "default: the preset's, softmax for paper, softmax_all for authors",
+        "(default: the preset's, softmax for paper, softmax_all for "
+        "authors)%(default).0s",
     )
     parser.add_argument(
         "--patches-per-expert",
         type=int,
         default=None,
-        help="patches l each expert selects; default: the preset's (the "
-        "authors used 2 in their CIFAR-10-with-ImageNet-noise experiment)",
+        help="patches l each expert selects (default: the preset's; the "
+        "authors used 2 in their CIFAR-10-with-ImageNet-noise "
+        "experiment)%(default).0s",
     )
     parser.add_argument(
         "--placement",
@@ -122,7 +164,7 @@ def add_arguments(parser, train_sizes, test_size, output_dir):
         help="where the pMoE experts run: patch (each selected patch "
         "alone, eq. 1), masked (the whole masked map, the authors' code), "
         "halo (as masked, on the selected patches and their halo only); "
-        "default: patch for paper, masked for authors",
+        "(default: patch for paper, masked for authors)%(default).0s",
     )
     parser.add_argument(
         "--augment",
@@ -130,10 +172,24 @@ def add_arguments(parser, train_sizes, test_size, output_dir):
         help="random crops (32x32 images) and horizontal flips",
     )
     parser.add_argument(
-        "--models", nargs="+", default=list(MODELS), choices=MODELS
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        choices=MODELS,
+        help="the models to train",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=output_dir)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the subsets; run r on n images uses seed + 1000 r + n",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=output_dir,
+        help="results, figures and the finished runs (runs/); a "
+        "comparison started again reads its finished runs back",
+    )
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -352,8 +408,16 @@ def plot_accuracy(summary, path, title):
         sizes = sorted(int(s) for s in by_size)
         means = [by_size[str(s)]["mean"] for s in sizes]
         stds = [by_size[str(s)]["std"] for s in sizes]
+        # Distinct markers and lines: the two curves can lie on each other.
+        marker, line = STYLES[kind]
         ax.errorbar(
-            sizes, means, stds, marker="^", capsize=3, label=LABELS[kind]
+            sizes,
+            means,
+            stds,
+            marker=marker,
+            linestyle=line,
+            capsize=3,
+            label=LABELS[kind],
         )
     ax.set_xlabel("number of training samples")
     ax.set_ylabel("test accuracy")
@@ -527,7 +591,18 @@ def compare(args, train_by_class, x_test, y_test, info, presets, title):
             for k in args.models
         ]
         print(f"| {size} | " + " | ".join(cells) + " |")
-    print(f"wrote {args.output_dir}/results.json, accuracy.png")
+    written = ["results.json", "accuracy.png"]
+    if routing is not None:
+        written += ["selection_frequency.png", "patch_selection.png"]
+    written.append("runs/<model>_<size>_<run>.json (every finished run)")
+    if "wrn_pmoe" in args.models:
+        written.append(
+            "runs/wrn_pmoe_<size>_<run>.weights.h5 (the WRN-pMoE weights, "
+            "for the routing figures of a resumed comparison)"
+        )
+    print(f"wrote in {args.output_dir}:")
+    for name in written:
+        print(f"  {name}")
     return results
 
 
@@ -545,11 +620,15 @@ def load(args):
 def run_comparison(args, load, presets, title):
     """Loads the data with `load(args)`, takes class-balanced subsets and
     runs `compare` on the two `presets`; `title(info)` names the table."""
+    _imports()
     keras.utils.set_random_seed(args.seed)
     try:
         train, test, info = load(args)
     except data.DatasetNotAvailableError as error:
-        raise SystemExit(f"error: {error}")
+        raise SystemExit(
+            f"error: {error}\nWithout the data, --smoke runs a tiny "
+            "comparison offline."
+        )
     check_args(args, info.num_classes)
     num_classes = info.num_classes
     per_class = max(args.train_sizes) // num_classes

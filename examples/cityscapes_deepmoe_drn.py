@@ -35,16 +35,12 @@ import argparse
 import os
 
 import _common
-import keras
-import numpy as np
 
-from keras_moe import analysis
-from keras_moe import data
-from keras_moe.models import DEEPMOE_DRN_PRESETS
-from keras_moe.models import DeepMoEDRN
-from keras_moe.models import deepmoe_outputs
-
-IGNORE = data.CITYSCAPES_IGNORE_LABEL
+# `keras_moe.data.CITYSCAPES_IGNORE_LABEL` and the names of
+# `keras_moe.models.DEEPMOE_DRN_PRESETS`, here so that `--help` answers
+# without importing Keras.
+IGNORE = 255
+PRESETS = ["drn_a50_cityscapes", "wide_deepmoe_drn_a50_cityscapes"]
 CITYSCAPES_CLASSES = [
     "road",
     "sidewalk",
@@ -68,6 +64,20 @@ CITYSCAPES_CLASSES = [
 ]
 
 
+def _imports():
+    """Keras, NumPy and keras_moe, imported once the arguments are parsed."""
+    global keras, np, analysis, data, DEEPMOE_DRN_PRESETS, DeepMoEDRN
+    global deepmoe_outputs
+    import keras
+    import numpy as np
+
+    from keras_moe import analysis
+    from keras_moe import data
+    from keras_moe.models import DEEPMOE_DRN_PRESETS
+    from keras_moe.models import DeepMoEDRN
+    from keras_moe.models import deepmoe_outputs
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -76,7 +86,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--model",
         default="wide_deepmoe_drn_a50_cityscapes",
-        help=f"a preset: {', '.join(sorted(DEEPMOE_DRN_PRESETS))}",
+        help=f"a preset: {', '.join(PRESETS)}",
     )
     parser.add_argument(
         "--variant",
@@ -209,6 +219,8 @@ def load(args):
         max_train_examples=args.max_train_examples,
         max_test_examples=args.max_test_examples,
         seed=args.seed,
+        hint="Without the data, --smoke (or --dataset synthetic, images "
+        "generated here) runs offline.",
     )
     info.class_names = CITYSCAPES_CLASSES
     return train, test, info
@@ -268,6 +280,7 @@ def evaluate(network, dataset, num_classes, gated):
 
 def main(argv=None):
     args = parse_args(argv)
+    _imports()
     _common.check_preset(args.model, DEEPMOE_DRN_PRESETS)
     if args.smoke:
         args.dataset, args.batch_size = "synthetic", 8
@@ -282,8 +295,9 @@ def main(argv=None):
                 f"of 8. Received: {size}"
             )
     keras.utils.set_random_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
     train, test, info = load(args)
+    # Made once the data is there: a run without data leaves no folder.
+    os.makedirs(args.output_dir, exist_ok=True)
     frame = tuple(info.image_shape[:2])
     crop = tuple(min(c, f) for c, f in zip(args.crop_size, frame))
     network = build(args, info.num_classes, (*crop, 3))

@@ -31,9 +31,17 @@ compute in the first case: batches of `batch-size / N`, gradients
 accumulated over N of them. The tests use it as the reference.
 
 The models are tiny and the data synthetic (a class is a bright quadrant),
-so that a run takes seconds; swap in your model and data. The per-epoch
-logs, the parameter count and the logits of a fixed batch are written to
-`--output` as JSON.
+so that a run takes seconds; swap in your model and data. After training,
+each model is evaluated on `--test-examples` held-out examples of the same
+kind (drawn with another seed). The script prints, for each model, the
+devices and engine it ran on, the per-epoch training logs (one column per
+epoch) and the held-out test metrics; it writes `results.json` to
+`--output-dir`: the backend, the settings and, for each model, the
+per-epoch logs, the test metrics, the parameter count, the logits of a
+fixed batch and (jax, several devices) how each kernel is sharded.
+`--output` writes the per-model part to another file as well. To compare
+one device with several, run the script once with `--devices 1` and once
+with more, and compare the two results.json files.
 """
 
 import argparse
@@ -53,7 +61,12 @@ def parse_args(argv=None):
         choices=MODELS,
         help="one or more models, trained one after the other",
     )
-    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="devices to train on (torch: processes)",
+    )
     parser.add_argument(
         "--model-parallel",
         type=int,
@@ -72,12 +85,41 @@ def parse_args(argv=None):
         help="one device: accumulate gradients over this many parts of "
         "each global batch",
     )
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--examples", type=int, default=64)
-    parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    parser.add_argument("--learning-rate", type=float, default=0.05)
-    parser.add_argument("--lambda-gate", type=float, default=0.5)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="global batch, split evenly over the devices",
+    )
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs")
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=64,
+        help="synthetic training examples (a multiple of --batch-size)",
+    )
+    parser.add_argument(
+        "--test-examples",
+        type=int,
+        default=64,
+        help="held-out synthetic examples the trained models are evaluated "
+        "on (a multiple of --batch-size)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="adam",
+        choices=["adam", "sgd"],
+        help="the optimizer (sgd: momentum 0.9)",
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=0.05, help="learning rate"
+    )
+    parser.add_argument(
+        "--lambda-gate",
+        type=float,
+        default=0.5,
+        help="DeepMoE: weight of the gate sparsity loss",
+    )
     parser.add_argument(
         "--gates-off",
         type=float,
@@ -90,14 +132,34 @@ def parse_args(argv=None):
         default="float32",
         help="float32, mixed_float16 or mixed_bfloat16",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--port", type=int, default=29511)
-    parser.add_argument("--output", help="JSON file for the results")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of weights and data"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=29511,
+        help="torch: port of the process group's rendezvous",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="outputs/distributed_training",
+        help="where results.json is written",
+    )
+    parser.add_argument(
+        "--output",
+        help="also write the per-model results to this JSON file "
+        "(default: none)%(default).0s",
+    )
     args = parser.parse_args(argv)
     if args.batch_size % (args.devices * args.accumulate):
         parser.error("--batch-size must divide over the devices")
     if args.examples % args.batch_size:
         parser.error("--examples must be a multiple of --batch-size")
+    if args.test_examples <= 0 or args.test_examples % args.batch_size:
+        parser.error(
+            "--test-examples must be a positive multiple of --batch-size"
+        )
     if args.devices > 1 and args.accumulate > 1:
         parser.error("--accumulate is for one device")
     return args
@@ -229,16 +291,63 @@ def _switch_off_gates(network, fraction):
         head.kernel.assign(kernel)
 
 
+def engine(args, backend):
+    """What spreads the work, in words."""
+    if args.devices == 1:
+        if args.accumulate > 1:
+            return (
+                f"one device, gradients accumulated over {args.accumulate} "
+                "parts of each batch"
+            )
+        return "one device"
+    if backend == "jax":
+        if args.model_parallel > 1:
+            return (
+                f"{args.devices} devices, keras.distribution.ModelParallel "
+                f"({args.devices // args.model_parallel}-way data x "
+                f"{args.model_parallel}-way model)"
+            )
+        return f"{args.devices} devices, keras.distribution.DataParallel"
+    if backend == "tensorflow":
+        return f"{args.devices} devices, tf.distribute.MirroredStrategy"
+    return f"{args.devices} processes, PyTorch DistributedDataParallel"
+
+
 def train(args, rank=0):
     """Trains every model of `--model`; `rank` is the torch process."""
+    import keras
+
+    backend = keras.backend.backend()
     results = {}
     for name in args.model:
         if rank == 0:
-            print(name)
+            print(
+                f"{name} on {engine(args, backend)} ({backend}"
+                f"{', simulated on the CPU' if args.cpu else ''})"
+            )
         results[name] = train_model(args, name, rank)
-    if rank == 0 and args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f)
+    if rank == 0:
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(results, f)
+        # Made when the results are there: a failed run leaves no folder.
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, "results.json")
+        settings = {
+            k: v for k, v in sorted(vars(args).items()) if k != "output"
+        }
+        with open(path, "w") as f:
+            json.dump(
+                {
+                    "backend": backend,
+                    "engine": engine(args, backend),
+                    "settings": settings,
+                    "models": results,
+                },
+                f,
+                indent=2,
+            )
+        print(f"wrote {path}")
     return results
 
 
@@ -251,6 +360,8 @@ def train_model(args, name, rank):
     keras.config.set_dtype_policy(args.dtype_policy)
     world = args.devices if backend == "torch" else 1
     x, y = quadrant_data(args.examples, args.seed)
+    # Held out: drawn with another seed, never trained on.
+    x_test, y_test = quadrant_data(args.test_examples, args.seed + 1)
     probe = x[:8]
     scope = None
     if backend == "jax" and args.devices > 1:
@@ -308,6 +419,16 @@ def train_model(args, name, rank):
     logs = {k: [float(v) for v in values] for k, values in history.items()}
     if world > 1:
         logs = _mean_over_processes(logs, world)
+    # Every process evaluates the whole held-out set (the weights are the
+    # same on all of them), in as many steps.
+    test = model.evaluate(
+        x_test,
+        y_test,
+        batch_size=batch_size,
+        return_dict=True,
+        verbose=0,
+    )
+    test = {k: float(v) for k, v in test.items()}
     # In training mode, so that batch normalization uses the probe's own
     # statistics: the moving averages are updated from each device's part
     # of the batch, a known difference of data parallel training.
@@ -320,6 +441,8 @@ def train_model(args, name, rank):
         "dtype_policy": args.dtype_policy,
         "parameters": int(network.count_params()),
         "history": logs,
+        "test": test,
+        "test_examples": args.test_examples,
         "probe_logits": ops.convert_to_numpy(
             ops.cast(logits, "float32")
         ).tolist(),
@@ -328,9 +451,19 @@ def train_model(args, name, rank):
         result["kernel_shardings"] = _kernel_shardings(network)
         keras.distribution.set_distribution(None)
     if rank == 0:
+        epochs = len(next(iter(logs.values()), []))
+        print("  training logs, one column per epoch:")
+        print(
+            f"  {'epoch':>16}  "
+            + " ".join(f"{e + 1:>6}" for e in range(epochs))
+        )
         for key in sorted(logs):
-            values = " ".join(f"{v:.4f}" for v in logs[key])
-            print(f"{key:>16}: {values}")
+            values = " ".join(f"{v:6.4f}" for v in logs[key])
+            print(f"  {key:>16}: {values}")
+        print(
+            f"  held-out test ({args.test_examples} examples): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sorted(test.items()))
+        )
     return result
 
 

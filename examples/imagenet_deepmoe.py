@@ -31,14 +31,29 @@ import argparse
 import os
 
 import _common
-import keras
 
-from keras_moe import analysis
-from keras_moe import data
-from keras_moe.models import DEEPMOE_RESNET_PRESETS
-from keras_moe.models import DeepMoEResNet
+# The ImageNet presets of `keras_moe.models.DEEPMOE_RESNET_PRESETS`, named
+# here so that `--help` answers without importing Keras.
+PRESETS = [
+    "resnet18_imagenet",
+    "resnet34_imagenet",
+    "resnet50_imagenet",
+    "wide_deepmoe_resnet18_imagenet",
+    "wide_deepmoe_resnet34_imagenet",
+    "wide_deepmoe_resnet50a_imagenet",
+    "wide_deepmoe_resnet50b_imagenet",
+]
 
-PRESETS = sorted(p for p in DEEPMOE_RESNET_PRESETS if "imagenet" in p)
+
+def _imports():
+    """Keras and keras_moe, imported once the arguments are parsed."""
+    global keras, analysis, data, DEEPMOE_RESNET_PRESETS, DeepMoEResNet
+    import keras
+
+    from keras_moe import analysis
+    from keras_moe import data
+    from keras_moe.models import DEEPMOE_RESNET_PRESETS
+    from keras_moe.models import DeepMoEResNet
 
 
 def parse_args(argv=None):
@@ -142,6 +157,7 @@ def build(args, info):
 
 def main(argv=None):
     args = parse_args(argv)
+    _imports()
     _common.check_preset(args.model, DEEPMOE_RESNET_PRESETS)
     if args.smoke:
         # Digits resized to 40 pixels and cropped to 32, one joint epoch
@@ -153,8 +169,9 @@ def main(argv=None):
         args.max_test_examples = args.max_test_examples or 128
         args.lr_boundaries = [1]
     keras.utils.set_random_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
     train, test, info = load(args)
+    # Made once the data is there: a run without data leaves no folder.
+    os.makedirs(args.output_dir, exist_ok=True)
     network = build(args, info)
     gated = DEEPMOE_RESNET_PRESETS[args.model].get("gated", True)
     print(

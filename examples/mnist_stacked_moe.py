@@ -20,20 +20,50 @@ import math
 import os
 import time
 
-import keras
-import numpy as np
 
-from keras_moe.layers import MixtureOfExperts
+def _imports():
+    """Keras, NumPy and keras_moe, imported once the arguments are parsed."""
+    global keras, np, MixtureOfExperts
+    import keras
+    import numpy as np
+
+    from keras_moe.layers import MixtureOfExperts
 
 
+# A help text that states its default in words ends with "%(default).0s",
+# which prints nothing but keeps ArgumentDefaultsHelpFormatter from adding
+# "(default: None)".
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mnist-path", help="path to mnist.npz")
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--expert-units", type=int, default=128)
-    parser.add_argument("--gate-hidden-units", type=int, default=64)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
-        "--balancing", choices=["none", "pause", "loss"], default="pause"
+        "--mnist-path",
+        help="path to a local mnist.npz (default: keras.datasets.mnist, "
+        "from the Keras cache or the network)%(default).0s",
+    )
+    parser.add_argument(
+        "--experts", type=int, default=4, help="experts in each MoE layer"
+    )
+    parser.add_argument(
+        "--expert-units",
+        type=int,
+        default=128,
+        help="output units of each expert",
+    )
+    parser.add_argument(
+        "--gate-hidden-units",
+        type=int,
+        default=64,
+        help="hidden units of each layer's gating network",
+    )
+    parser.add_argument(
+        "--balancing",
+        choices=["none", "pause", "loss"],
+        default="pause",
+        help="how the experts' load is balanced: pause (the paper's "
+        "heuristic), an auxiliary loss, or none",
     )
     parser.add_argument(
         "--balance-steps",
@@ -41,11 +71,26 @@ def parse_args(argv=None):
         default=500,
         help="training batches during which the pause heuristic acts",
     )
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="outputs/mnist_stacked_moe")
+    parser.add_argument(
+        "--epochs", type=int, default=10, help="training epochs"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=128, help="batch size"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=1e-3,
+        help="Adam learning rate",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of weights and data order"
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="outputs/mnist_stacked_moe",
+        help="results.json and specialisation.png",
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny run on scikit-learn digits"
     )
@@ -71,7 +116,9 @@ def load_data(args):
         except Exception as error:
             raise SystemExit(
                 "MNIST is not in the Keras cache and cannot be downloaded "
-                f"({error}). Pass --mnist-path to a local mnist.npz."
+                f"({error}). Pass --mnist-path to a local mnist.npz, or "
+                "--smoke for a tiny run on the digits that ship with "
+                "scikit-learn, offline."
             )
 
     def prepare(split):
@@ -177,12 +224,14 @@ def plot_specialisation(tables, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    _imports()
     if args.smoke:
         args.epochs, args.expert_units, args.gate_hidden_units = 2, 16, 8
         args.balance_steps = 10
     keras.utils.set_random_seed(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
     train_data, test_data = load_data(args)
+    # Made once the data is there: a run without data leaves no folder.
+    os.makedirs(args.output_dir, exist_ok=True)
     features = train_data[0].shape[1]
     num_classes = int(train_data[1].max()) + 1
 

@@ -29,17 +29,6 @@ import json
 import os
 import time
 
-import keras
-import numpy as np
-
-from keras_moe.analysis import discriminative_routing
-from keras_moe.data import DatasetNotAvailableError
-from keras_moe.data import load_mnist
-from keras_moe.data import make_patch_digits
-from keras_moe.models import TwoLayerCNN
-from keras_moe.models import TwoLayerPMoE
-from keras_moe.training import train_routers
-
 MODELS = ("separate", "joint", "cnn")
 LABELS = {
     "separate": "pMoE (separate training)",
@@ -48,16 +37,55 @@ LABELS = {
 }
 
 
+def _imports():
+    """Keras, NumPy and keras_moe, imported once the arguments are parsed,
+    and the callback (a Keras class)."""
+    global keras, np, discriminative_routing, DatasetNotAvailableError
+    global load_mnist, make_patch_digits, TwoLayerCNN, TwoLayerPMoE
+    global train_routers, StopAtZeroTrainingError
+    import keras
+    import numpy as np
+
+    from keras_moe.analysis import discriminative_routing
+    from keras_moe.data import DatasetNotAvailableError
+    from keras_moe.data import load_mnist
+    from keras_moe.data import make_patch_digits
+    from keras_moe.models import TwoLayerCNN
+    from keras_moe.models import TwoLayerPMoE
+    from keras_moe.training import train_routers
+
+    class StopAtZeroTrainingError(keras.callbacks.Callback):
+        """Stops once a whole epoch classified every training sample."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs and logs.get("accuracy", 0.0) >= 1.0:
+                self.model.stop_training = True
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mnist-path", help="path to mnist.npz")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # A help text that states its default in words ends with
+    # "%(default).0s", which prints nothing but keeps the formatter from
+    # adding "(default: None)".
+    parser.add_argument(
+        "--mnist-path",
+        help="path to a local mnist.npz (default: keras.datasets.mnist, "
+        "from the Keras cache or the network)%(default).0s",
+    )
     parser.add_argument(
         "--sample-sizes",
         default="100,200,300,500,700,1000,1500",
         help="comma-separated numbers of training samples",
     )
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--test-samples", type=int, default=1000)
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="runs (seeds) per sample size"
+    )
+    parser.add_argument(
+        "--test-samples", type=int, default=1000, help="test samples"
+    )
     parser.add_argument(
         "--models", default=",".join(MODELS), help="subset of " + str(MODELS)
     )
@@ -67,24 +95,61 @@ def parse_args(argv=None):
         default=150,
         help="most epochs; training stops at zero training error",
     )
-    parser.add_argument("--router-epochs", type=int, default=100)
+    parser.add_argument(
+        "--router-epochs",
+        type=int,
+        default=100,
+        help="epochs of router training (eq. 6) for separate training",
+    )
     parser.add_argument(
         "--router-fraction",
         type=float,
         default=1.0,
         help="fraction of the training samples the routers learn from",
     )
-    parser.add_argument("--learning-rate", type=float, default=0.2)
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--separate-experts", type=int, default=2)
-    parser.add_argument("--separate-neurons", type=int, default=20)
-    parser.add_argument("--separate-patches", type=int, default=2)
-    parser.add_argument("--joint-experts", type=int, default=8)
-    parser.add_argument("--joint-neurons", type=int, default=5)
-    parser.add_argument("--joint-patches", type=int, default=6)
-    parser.add_argument("--cnn-neurons", type=int, default=40)
-    parser.add_argument("--target-accuracy", type=float, default=0.95)
-    parser.add_argument("--output-dir", default="outputs/pmoe_synthetic_mnist")
+    parser.add_argument(
+        "--learning-rate", type=float, default=0.2, help="SGD learning rate"
+    )
+    parser.add_argument("--batch-size", type=int, default=20, help="batch size")
+    for model, experts, neurons, patches in (
+        ("separate", 2, 20, 2),
+        ("joint", 8, 5, 6),
+    ):
+        parser.add_argument(
+            f"--{model}-experts",
+            type=int,
+            default=experts,
+            help=f"experts of the {model}-training pMoE",
+        )
+        parser.add_argument(
+            f"--{model}-neurons",
+            type=int,
+            default=neurons,
+            help=f"ReLU neurons of each expert ({model} training)",
+        )
+        parser.add_argument(
+            f"--{model}-patches",
+            type=int,
+            default=patches,
+            help=f"patches l routed to each expert ({model} training)",
+        )
+    parser.add_argument(
+        "--cnn-neurons",
+        type=int,
+        default=40,
+        help="neurons of the CNN baseline",
+    )
+    parser.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=0.95,
+        help="test accuracy at which the samples needed are reported",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="outputs/pmoe_synthetic_mnist",
+        help="results.json and accuracy.png",
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny run on scikit-learn digits"
     )
@@ -114,7 +179,10 @@ def load_digits(args):
     try:
         return load_mnist(args.mnist_path)
     except DatasetNotAvailableError as error:
-        raise SystemExit(str(error))
+        raise SystemExit(
+            f"{error}\nWithout the data, --smoke runs a tiny version on the "
+            "digits that ship with scikit-learn, offline."
+        )
 
 
 def build(name, args, input_shape, patch_size):
@@ -139,14 +207,6 @@ def build(name, args, input_shape, patch_size):
             **common,
         )
     return TwoLayerCNN(args.cnn_neurons, **common)
-
-
-class StopAtZeroTrainingError(keras.callbacks.Callback):
-    """Stops once a whole epoch classified every training sample."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs and logs.get("accuracy", 0.0) >= 1.0:
-            self.model.stop_training = True
 
 
 def routing_values(model, x):
@@ -273,12 +333,15 @@ def plot(summary, args, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    # Distinct markers and lines: the curves can lie on each other.
+    styles = {"separate": ("o", "-"), "joint": ("s", "--"), "cnn": ("^", ":")}
     for name in args.models:
         ax.errorbar(
             args.sample_sizes,
             summary[name]["mean_accuracy"],
             yerr=summary[name]["std_accuracy"],
-            marker="o",
+            marker=styles[name][0],
+            linestyle=styles[name][1],
             capsize=3,
             label=LABELS[name],
         )
@@ -337,11 +400,11 @@ def print_report(summary, results, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    _imports()
     if args.smoke:
         args.sample_sizes, args.seeds, args.test_samples = [40], 1, 100
         args.epochs, args.router_epochs = 2, 2
         args.joint_experts, args.joint_patches = 4, 2
-    os.makedirs(args.output_dir, exist_ok=True)
     (train_images, train_labels), (test_images, test_labels) = load_digits(args)
     patch_size = train_images.shape[1:3]
     test = make_patch_digits(
@@ -373,6 +436,8 @@ def main(argv=None):
         "summary": summary,
         "runs": results,
     }
+    # Made once the data is there: a run without data leaves no folder.
+    os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(report, f, indent=2)
     plot(summary, args, os.path.join(args.output_dir, "accuracy.png"))

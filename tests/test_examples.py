@@ -103,6 +103,54 @@ def test_examples_have_a_cli():
         assert "usage" in text, script
 
 
+def test_help_imports_no_keras():
+    """`--help` answers without importing Keras, keras_moe or TensorFlow."""
+    scripts = sorted(
+        p.name
+        for p in (ROOT / "examples").glob("*.py")
+        if not p.name.startswith("_")
+    )
+    program = (
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'examples')!r})\n"
+        f"for script in {scripts!r}:\n"
+        "    sys.argv = [script, '--help']\n"
+        "    try:\n"
+        f"        runpy.run_path({str(ROOT / 'examples')!r} + '/' + script,"
+        " run_name='__main__')\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = {'keras', 'keras_moe', 'tensorflow', 'jax', 'torch'}\n"
+        "print('IMPORTED', sorted(heavy & set(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "IMPORTED []" in result.stdout
+    assert "(default: None) (default" not in result.stdout
+
+
+def test_preset_names_in_the_help_are_the_presets():
+    from keras_moe.models import DEEPMOE_DRN_PRESETS
+    from keras_moe.models import DEEPMOE_RESNET_PRESETS
+
+    cifar = load_example("cifar_deepmoe")
+    imagenet = load_example("imagenet_deepmoe")
+    cityscapes = load_example("cityscapes_deepmoe_drn")
+    names = set(DEEPMOE_RESNET_PRESETS)
+    assert set(cifar.CIFAR_PRESETS) == {n for n in names if "cifar" in n}
+    assert set(imagenet.PRESETS) == {n for n in names if "imagenet" in n}
+    assert set(cityscapes.PRESETS) == set(DEEPMOE_DRN_PRESETS)
+    from keras_moe import data
+
+    assert cityscapes.IGNORE == data.CITYSCAPES_IGNORE_LABEL
+
+
 @pytest.mark.parametrize(
     "model", ["wide_deepmoe_resnet20_cifar10", "resnet20_cifar10"]
 )
@@ -165,9 +213,12 @@ def test_cifar_deepmoe_without_data_says_what_to_do(tmp_path):
         "--data-dir",
         str(tmp_path / "no-such-folder"),
         "--output-dir",
-        str(tmp_path),
+        str(tmp_path / "out"),
     )
     assert "train/<class>" in message
+    assert "--smoke" in message and "--dataset digits" in message
+    # A run without data leaves no output folder behind.
+    assert not (tmp_path / "out").exists()
 
 
 def test_imagenet_deepmoe_smoke(tmp_path):
@@ -228,7 +279,8 @@ def test_without_data_the_examples_say_what_to_do(tmp_path, name, archive):
         str(tmp_path / "out"),
     )
     assert message.startswith("error:") and "manual_dir" in message
-    assert archive in message
+    assert archive in message and "--smoke" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_pmoe_synthetic_mnist_smoke(tmp_path):
@@ -255,7 +307,7 @@ def test_pmoe_synthetic_mnist_without_data_says_what_to_do(tmp_path):
         "--output-dir",
         str(tmp_path),
     )
-    assert "No MNIST file" in message
+    assert "No MNIST file" in message and "--smoke" in message
 
 
 @pytest.mark.parametrize(
