@@ -96,7 +96,7 @@ def assert_same_training(actual, expected, rtol=1e-3):
     )
 
 
-def test_one_device_or_several_train_alike():
+def test_one_device_or_several_train_alike(tmp_path):
     models = ["deepmoe_resnet", "pmoe_cnn"]
     common = ["--epochs", "2", "--batch-size", "16", "--examples", "64"]
     # SGD: Adam divides by the root of tiny second moments, which turns
@@ -118,8 +118,13 @@ def test_one_device_or_several_train_alike():
         # The reference of batch normalization on each device's part.
         runs["accumulated"] = ["--model", "deepmoe_resnet", "--accumulate"]
         runs["accumulated"] += [str(DEVICES)] + common
+    for name, argv in runs.items():
+        argv += ["--output-dir", str(tmp_path / name)]
     results = run(runs)
     print(json.dumps(results))
+    for name in runs:
+        written = json.loads((tmp_path / name / "results.json").read_text())
+        assert written["backend"] == BACKEND
     one, several = results["one"], results["several"]
 
     deepmoe = one["deepmoe_resnet"]["history"]
