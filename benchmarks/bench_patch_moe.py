@@ -122,12 +122,14 @@ def run(quick, batch_size, output):
         max_error = float(np.max(np.abs(y_ours - y_masked)))
         target = np.zeros_like(y_ours)
         repeats = 3 if quick else 10
-        timing_ours = common.time_function(
-            common.train_step_timer(ours, x, target), repeats=repeats
+        times = common.time_interleaved(
+            {
+                "ours": common.train_step_timer(ours, x, target),
+                "masked": common.train_step_timer(masked, x, target),
+            },
+            repeats=repeats,
         )
-        timing_masked = common.time_function(
-            common.train_step_timer(masked, x, target), repeats=repeats
-        )
+        timing_ours, timing_masked = times["ours"], times["masked"]
         work_fraction = config["patches_per_expert"] / moe.num_patches
         row = common.ratio_row(
             f"{name} (batch {batch_size})",
