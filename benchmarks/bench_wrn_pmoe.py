@@ -5,11 +5,11 @@
     pMoE paper's two configurations: CelebA 64x64 (the last convolution
     sees 16x16x(64k); 4x4 patches, n=16, k=8 experts, l=2, 3x3 experts) and
     CIFAR-10 32x32 (8x8x(64k) map; 1x1 patches, n=64, k=4, l=16, 1x1
-    experts). Target: at most 0.9x the WRN's time. The full run uses
+    experts). The FLOP ratio of the two models is the limit the work
+    sets. The full run uses
     WRN-10-10 (the paper's width); `--quick` uses widening factor 4 and
     batch 8, with the experts' filters scaled so that their concatenation
-    still has the block's width. The analytic FLOP ratio of the two models
-    is reported next to the time ratio. The two steps are timed in turns
+    still has the block's width. The two steps are timed in turns
     (median of 5 rounds after 2 warm-up rounds in `--quick`, 10 otherwise).
 
     KERAS_BACKEND=jax python benchmarks/bench_wrn_pmoe.py --quick
