@@ -369,3 +369,29 @@ def test_celeba_wrn_pmoe_without_data_says_what_to_do(tmp_path):
         str(tmp_path),
     )
     assert "celeb_a" in message and "--data-dir" in message
+
+
+def test_cifar_smoke_runs_without_tensorflow(tmp_path):
+    # The quickstart on a jax-only or torch-only install: the digits come
+    # as NumPy batches and nothing imports TensorFlow.
+    backend = "torch" if keras.backend.backend() == "torch" else "jax"
+    code = (
+        "import runpy, sys\n"
+        "sys.path.insert(0, 'examples')\n"
+        "sys.modules['tensorflow'] = None\n"
+        "sys.argv = ['cifar_deepmoe.py', '--smoke', '--output-dir', "
+        f"{str(tmp_path)!r}]\n"
+        "runpy.run_path('examples/cifar_deepmoe.py', run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "KERAS_BACKEND": backend},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["backend"] == backend
+    assert results["test_accuracy"] > 0.5  # ten classes

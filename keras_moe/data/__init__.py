@@ -4,6 +4,7 @@ from keras_moe.data.augmentation import cifar_augmentation
 from keras_moe.data.augmentation import normalization
 from keras_moe.data.datasets import CITYSCAPES_IGNORE_LABEL
 from keras_moe.data.datasets import DATASETS
+from keras_moe.data.datasets import ArrayBatches
 from keras_moe.data.datasets import DatasetInfo
 from keras_moe.data.datasets import DatasetNotAvailableError
 from keras_moe.data.datasets import load_cifar10
@@ -13,6 +14,7 @@ from keras_moe.data.patch_digits import load_mnist
 from keras_moe.data.patch_digits import make_patch_digits
 
 __all__ = [
+    "ArrayBatches",
     "CITYSCAPES_IGNORE_LABEL",
     "DATASETS",
     "DatasetInfo",

@@ -2,7 +2,10 @@
 
 Every loader returns `(train, test, info)`: two batched `tf.data.Dataset`s of
 `(images, labels)` with float32 images, and a `DatasetInfo`. `tf.data`
-pipelines feed `model.fit` on every Keras backend.
+pipelines feed `model.fit` on every Keras backend. Without TensorFlow (a
+jax-only or torch-only install), `"digits"` comes as `ArrayBatches`, a
+`keras.utils.PyDataset` of NumPy batches; the other datasets need the
+`data` extra.
 """
 
 import dataclasses
@@ -10,6 +13,7 @@ import os
 import socket
 import urllib.parse
 
+import keras
 import numpy as np
 
 from keras_moe.data import augmentation as aug
@@ -110,6 +114,11 @@ def load_dataset(
     scikit-learn, resized to 32x32 RGB, for running examples on a machine
     without network or datasets.
 
+    Without TensorFlow, `"digits"` is returned as two `ArrayBatches`
+    (`keras.utils.PyDataset`s of NumPy batches, with the same subsets,
+    shuffling, augmentation and normalization); the other names raise a
+    `DatasetNotAvailableError` naming the `data` extra.
+
     For the tensorflow-datasets names, `data_dir` is the tfds data
     directory. When the dataset is not prepared there and its source cannot
     be reached (or `download=False`), a `DatasetNotAvailableError` explaining
@@ -165,6 +174,17 @@ def load_dataset(
             f"Received: batch_size={batch_size!r}"
         )
     image_size = _size_pair(image_size)
+    if name == "digits" and not _has_tensorflow():
+        # In memory: NumPy batches, for installs without TensorFlow.
+        return _digits_without_tensorflow(
+            image_size or (32, 32),
+            batch_size,
+            augment,
+            normalize,
+            max_train_examples,
+            max_test_examples,
+            seed,
+        )
     _require_tensorflow(name)
     if name == "image_folder":
         train, test, info = _image_folder(data_dir, image_size)
@@ -219,6 +239,14 @@ def load_cifar100(data_dir=None, **kwargs):
         kwargs.setdefault("normalize", (aug.CIFAR100_MEAN, aug.CIFAR100_STD))
         return load_dataset("image_folder", data_dir=data_dir, **kwargs)
     return load_dataset("cifar100", data_dir=data_dir, **kwargs)
+
+
+def _has_tensorflow():
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _require_tensorflow(name):
@@ -349,22 +377,29 @@ def _image_folder(data_dir, image_size):
     return splits[0], splits[1], info
 
 
-def _digits(image_size):
-    import tensorflow as tf
-
+def _digits_arrays():
+    """The digits in [0, 1], `(1797, 8, 8, 1)`, their labels, and the
+    indices of the training and test splits (a fixed fifth for test)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
         raise DatasetNotAvailableError(
             'The "digits" dataset ships with scikit-learn: '
-            "`pip install scikit-learn`."
+            "`pip install scikit-learn` (or the `data` extra)."
         ) from error
     digits = load_digits()
     images = (digits.images / 16.0).astype("float32")[..., None]
     labels = digits.target.astype("int64")
     order = np.random.default_rng(0).permutation(len(labels))
     num_test = len(labels) // 5
-    test_idx, train_idx = order[:num_test], order[num_test:]
+    return images, labels, order[num_test:], order[:num_test]
+
+
+def _digits(image_size):
+    import tensorflow as tf
+
+    images, labels, train_idx, test_idx = _digits_arrays()
+    num_test = len(test_idx)
 
     def split(idx):
         x = tf.image.resize(images[idx], image_size)
@@ -380,6 +415,159 @@ def _digits(image_size):
         num_test=num_test,
     )
     return split(train_idx), split(test_idx), info
+
+
+def _digits_without_tensorflow(
+    image_size, batch_size, augment, normalize, max_train, max_test, seed
+):
+    images, labels, train_idx, test_idx = _digits_arrays()
+    resized = keras.ops.image.resize(images, image_size)
+    resized = np.asarray(keras.ops.convert_to_numpy(resized), "float32")
+    rgb = np.repeat(resized, 3, axis=-1)
+    info = DatasetInfo(
+        name="digits",
+        num_classes=10,
+        image_shape=(*image_size, 3),
+        class_names=[str(i) for i in range(10)],
+    )
+    splits = []
+    for idx, limit in ((train_idx, max_train), (test_idx, max_test)):
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0
+        ):
+            raise ValueError(
+                "`max_train_examples` and `max_test_examples` must be "
+                f"positive integers. Received: {limit!r}"
+            )
+        if limit is not None and limit < len(idx):
+            chosen = np.random.default_rng(seed).choice(len(idx), limit, False)
+            idx = idx[np.sort(chosen)]
+        splits.append((rgb[idx], labels[idx]))
+    info.num_train, info.num_test = len(splits[0][1]), len(splits[1][1])
+    mean = std = None
+    if normalize:
+        mean, std = (
+            (aug.IMAGENET_MEAN, aug.IMAGENET_STD)
+            if normalize is True
+            else normalize
+        )
+        aug.normalization(mean, std)  # checks the statistics
+    train = ArrayBatches(
+        *splits[0],
+        batch_size,
+        shuffle=True,
+        augment=augment,
+        mean=mean,
+        std=std,
+        seed=seed,
+    )
+    test = ArrayBatches(*splits[1], batch_size, mean=mean, std=std)
+    return train, test, info
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """Batches of in-memory images and labels, without TensorFlow.
+
+    What `load_dataset` returns for in-memory data (`"digits"`) when
+    TensorFlow is not installed: a `keras.utils.PyDataset` that `fit`,
+    `evaluate` and `predict` take on every backend. With `shuffle` the
+    order changes at every epoch (`on_epoch_end`, which `fit` calls), as
+    a function of `seed` and the epoch; with `augment`, 32x32 images get
+    the CIFAR augmentation (4-pixel zero padding, a random crop, a
+    horizontal flip) and other images a random horizontal flip; with
+    `mean` and `std`, images are standardized per channel.
+
+    Args:
+        images: float array `(num, height, width, channels)`.
+        labels: integer array `(num,)`.
+        batch_size: int, examples per batch (the last may be smaller).
+        shuffle: bool, whether to shuffle at every epoch.
+        augment: bool, whether to augment.
+        mean: optional per-channel means to subtract.
+        std: optional per-channel standard deviations to divide by.
+        seed: optional int, seed of the order and the augmentation.
+
+    Example:
+
+    ```python
+    images = np.random.rand(10, 8, 8, 3).astype("float32")
+    labels = np.arange(10) % 2
+    batches = keras_moe.data.ArrayBatches(images, labels, batch_size=4)
+    len(batches)  # 3
+    batches[2][0].shape  # (2, 8, 8, 3)
+    ```
+    """
+
+    def __init__(
+        self,
+        images,
+        labels,
+        batch_size,
+        shuffle=False,
+        augment=False,
+        mean=None,
+        std=None,
+        seed=None,
+    ):
+        super().__init__()
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.shuffle, self.augment = shuffle, augment
+        self.mean = None if mean is None else np.asarray(mean, "float32")
+        self.std = None if std is None else np.asarray(std, "float32")
+        self.seed = 0 if seed is None else seed
+        self.epoch = 0
+        self._order()
+
+    def _order(self):
+        num = len(self.labels)
+        self.order = (
+            np.random.default_rng((self.seed, self.epoch)).permutation(num)
+            if self.shuffle
+            else np.arange(num)
+        )
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    @property
+    def num_batches(self):
+        return len(self)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        rows = self.order[
+            index * self.batch_size : (index + 1) * self.batch_size
+        ]
+        x = self.images[rows]
+        if self.augment:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            x = _augment(x, rng)
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x.astype("float32"), self.labels[rows]
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self._order()
+
+
+def _augment(x, rng):
+    """The CIFAR crop and flip for 32x32 images, a flip for others."""
+    num, height, width, _ = x.shape
+    flip = rng.random(num) < 0.5
+    x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
+    if height == width == 32:
+        padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+        dy, dx = rng.integers(0, 9, size=(2, num))
+        x = np.stack(
+            [
+                p[i : i + height, j : j + width]
+                for p, i, j in zip(padded, dy, dx)
+            ]
+        )
+    return x
 
 
 def _reachable(url, timeout=3.0):
