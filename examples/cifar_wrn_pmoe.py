@@ -142,6 +142,15 @@ def add_arguments(parser, train_sizes, test_size, output_dir):
         help="dropout rate inside the residual blocks",
     )
     parser.add_argument(
+        "--batch-norm-momentum",
+        type=float,
+        default=None,
+        help="momentum of every batch normalization (Keras convention); "
+        "default: the preset's, 0.9 for paper, Keras' 0.99 for authors, "
+        "whose moving statistics need thousands of steps to settle"
+        "%(default).0s",
+    )
+    parser.add_argument(
         "--gating",
         default=None,
         choices=["softmax", "hard", "softmax_all"],
@@ -305,6 +314,8 @@ def build(kind, presets, args, num_classes, input_shape):
         input_shape=input_shape,
         dropout_rate=args.dropout_rate,
     )
+    if args.batch_norm_momentum is not None:
+        overrides["batch_norm_momentum"] = args.batch_norm_momentum
     if kind == "wrn":
         return WideResNet.from_preset(plain_preset, **overrides)
     # Updates the preset's pMoE arguments; the experts' filters follow the
