@@ -161,7 +161,7 @@ def synthetic_segmentation(args, num_classes=3, image_size=(32, 48)):
     height, width = image_size
 
     def make(count):
-        labels = np.zeros((count, height, width), "int64")
+        labels = np.zeros((count, height, width), "int32")
         for label in labels:
             for _ in range(3):
                 top = rng.integers(0, height - 4)
