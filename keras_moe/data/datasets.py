@@ -546,7 +546,8 @@ class ArrayBatches(keras.utils.PyDataset):
             x = _augment(x, rng)
         if self.mean is not None:
             x = (x - self.mean) / self.std
-        return x.astype("float32"), self.labels[rows]
+        # int32 labels: JAX computes in 32-bit integers.
+        return x.astype("float32"), self.labels[rows].astype("int32")
 
     def on_epoch_end(self):
         self.epoch += 1
