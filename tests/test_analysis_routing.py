@@ -243,3 +243,29 @@ def test_plots_are_written(tmp_path):
     for name, draw in figures.items():
         plt.close(draw(str(tmp_path / name)))
         assert (tmp_path / name).stat().st_size > 2000, name
+
+
+def test_patch_selection_draws_a_panel_per_expert():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    # Experts 1 and 2 share patch 5: each panel outlines its own patches.
+    indices = np.array([[0, 5], [5, 15], [5, 0]])
+    fig = analysis.plot_patch_selection(
+        np.random.default_rng(0).random((32, 32, 3)),
+        indices,
+        (4, 4),
+        title="patches picked by each expert",
+    )
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in panels] == [
+        "expert 0",
+        "expert 1",
+        "expert 2",
+    ]
+    for ax, chosen in zip(panels, indices):
+        corners = sorted(tuple(p.get_xy()) for p in ax.patches)
+        expected = [(8 * (j % 4) - 0.5, 8 * (j // 4) - 0.5) for j in chosen]
+        assert corners == sorted(expected)
+        assert all(p.get_width() == p.get_height() == 8 for p in ax.patches)
+    plt.close(fig)

@@ -20,9 +20,12 @@ def _pyplot():
 
 
 def _finish(fig, path):
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        # The bounding box of what is drawn: titles and legends outside
+        # the axes are not cut off.
+        fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
 
 
@@ -182,7 +185,11 @@ def plot_selection_frequency(stats, path=None):
 
 
 def plot_patch_selection(image, indices, grid_shape, path=None, title=None):
-    """The patches each expert selected, outlined on the input image.
+    """The patches each expert selected, one panel per expert.
+
+    Each panel shows the input image with the expert's patches outlined and
+    the other patches dimmed, so that patches several experts picked stay
+    readable.
 
     Args:
         image: `(height, width)` or `(height, width, channels)` image in
@@ -210,28 +217,50 @@ def plot_patch_selection(image, indices, grid_shape, path=None, title=None):
     height, width = image.shape[:2]
     grid_h, grid_w = grid_shape
     cell_h, cell_w = height / grid_h, width / grid_w
-    indices = np.asarray(indices)
+    # The patch of every pixel, row-major over the grid.
+    patch_of = (np.arange(height) * grid_h // height)[:, None] * grid_w + (
+        np.arange(width) * grid_w // width
+    )[None, :]
+    indices = np.asarray(indices).reshape(len(indices), -1)
     colors = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
-    for s, chosen in enumerate(indices):
-        for rank, j in enumerate(np.ravel(chosen)):
+    cols = min(len(indices), 4)
+    rows = int(np.ceil(len(indices) / cols))
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(2.2 * cols, 2.3 * rows + (0.4 if title else 0.0)),
+        squeeze=False,
+        layout="constrained",
+    )
+    axes = axes.ravel()
+    for s, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if s >= len(indices):
+            ax.axis("off")
+            continue
+        selected = np.isin(patch_of, indices[s])
+        if image.ndim == 3:
+            selected = selected[..., None]
+        ax.imshow(
+            image * np.where(selected, 1.0, 0.3),
+            cmap="gray" if image.ndim == 2 else None,
+            vmin=0.0,
+            vmax=1.0,
+        )
+        for j in indices[s]:
             row, col = divmod(int(j), grid_w)
-            inset = 1.5 * s
             ax.add_patch(
                 Rectangle(
-                    (col * cell_w + inset - 0.5, row * cell_h + inset - 0.5),
-                    cell_w - 2 * inset,
-                    cell_h - 2 * inset,
+                    (col * cell_w - 0.5, row * cell_h - 0.5),
+                    cell_w,
+                    cell_h,
                     fill=False,
                     edgecolor=colors(s % 10),
-                    linewidth=2.0 if rank == 0 else 1.2,
-                    label=f"expert {s}" if rank == 0 else None,
+                    linewidth=1.5,
                 )
             )
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.set_title(f"expert {s}", fontsize=9, color=colors(s % 10))
     if title:
-        ax.set_title(title)
+        fig.suptitle(title, fontsize=10)
     return _finish(fig, path)
