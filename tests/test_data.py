@@ -325,3 +325,13 @@ except data.DatasetNotAvailableError as error:
     )
     assert "ACCURACY" in out and "TENSORFLOW None" in out
     assert "keras-moe[data]" in out and "'image_folder'" in out
+
+
+def test_array_batches_reject_bad_input():
+    images = np.zeros((4, 8, 8, 3), "float32")
+    with pytest.raises(ValueError, match="batch_size=0"):
+        data.ArrayBatches(images, np.arange(4), batch_size=0)
+    with pytest.raises(ValueError, match="4 images and 3 labels"):
+        data.ArrayBatches(images, np.arange(3), batch_size=2)
+    with pytest.raises(IndexError):
+        data.ArrayBatches(images, np.arange(4), batch_size=2)[2]

@@ -432,13 +432,8 @@ def _digits_without_tensorflow(
     )
     splits = []
     for idx, limit in ((train_idx, max_train), (test_idx, max_test)):
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0
-        ):
-            raise ValueError(
-                "`max_train_examples` and `max_test_examples` must be "
-                f"positive integers. Received: {limit!r}"
-            )
+        if limit is not None:
+            _check_limit(limit)
         if limit is not None and limit < len(idx):
             chosen = np.random.default_rng(seed).choice(len(idx), limit, False)
             idx = idx[np.sort(chosen)]
@@ -510,6 +505,20 @@ class ArrayBatches(keras.utils.PyDataset):
         seed=None,
     ):
         super().__init__()
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int)
+            or batch_size <= 0
+        ):
+            raise ValueError(
+                "`batch_size` must be a positive integer. "
+                f"Received: batch_size={batch_size!r}"
+            )
+        if len(images) != len(labels):
+            raise ValueError(
+                "`images` and `labels` must hold as many examples. Received "
+                f"{len(images)} images and {len(labels)} labels."
+            )
         self.images, self.labels = images, labels
         self.batch_size = batch_size
         self.shuffle, self.augment = shuffle, augment
@@ -770,6 +779,14 @@ def _finish(
     return train.prefetch(autotune), test.prefetch(autotune), info
 
 
+def _check_limit(limit):
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ValueError(
+            "`max_train_examples` and `max_test_examples` must be positive "
+            f"integers. Received: {limit!r}"
+        )
+
+
 def _subset(dataset, size, limit, seed):
     """A random subset of `limit` examples, the same at every epoch.
 
@@ -780,11 +797,7 @@ def _subset(dataset, size, limit, seed):
 
     if limit is None or (size is not None and limit >= size):
         return dataset, size
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-        raise ValueError(
-            "`max_train_examples` and `max_test_examples` must be positive "
-            f"integers. Received: {limit!r}"
-        )
+    _check_limit(limit)
     if size is None:
         return dataset.take(limit), limit
     keep = np.zeros(size, dtype=bool)
