@@ -1,11 +1,14 @@
 """Dataset loaders: tensorflow-datasets, image folders and offline digits.
 
-Every loader returns `(train, test, info)`: two batched `tf.data.Dataset`s of
-`(images, labels)` with float32 images, and a `DatasetInfo`. `tf.data`
-pipelines feed `model.fit` on every Keras backend. Without TensorFlow (a
-jax-only or torch-only install), `"digits"` comes as `ArrayBatches`, a
-`keras.utils.PyDataset` of NumPy batches; the other datasets need the
-`data` extra.
+Every loader returns `(train, test, info)`: two batched pipelines of
+`(images, labels)` with float32 images, and a `DatasetInfo`. The pipelines
+are `tf.data.Dataset`s when TensorFlow is installed; they feed `model.fit`
+on every Keras backend. Without TensorFlow (a jax-only or torch-only
+install), `"digits"` and `"image_folder"` (and CIFAR-10/100 stored as an
+image folder) come as `ArrayBatches`, `keras.utils.PyDataset`s of NumPy
+batches, with image files read by Pillow; the tensorflow-datasets names
+need the `data` extra. `format="numpy"` asks for NumPy batches even when
+TensorFlow is installed.
 """
 
 import dataclasses
@@ -62,6 +65,9 @@ _TFDS = {
     "imagenet": ("imagenet2012", "train", "validation", True),
 }
 DATASETS = tuple(_TFDS) + ("image_folder", "digits")
+# The datasets that also load as NumPy batches, without TensorFlow.
+_NUMPY_DATASETS = ("image_folder", "digits")
+_FORMATS = ("tf", "numpy")
 
 # Cityscapes label ids -> the 19 evaluation classes; everything else is 255.
 _CITYSCAPES_TRAIN_IDS = {
@@ -100,8 +106,9 @@ def load_dataset(
     max_test_examples=None,
     seed=None,
     download=True,
+    format=None,
 ):
-    """Loads a dataset as batched `tf.data` pipelines for training.
+    """Loads a dataset as batched pipelines for training.
 
     Supported names: `"cifar10"`, `"cifar100"`, `"celeba_smiling"` (binary:
     smiling), `"celeba_smiling_eyeglasses"` (4 classes: smiling x
@@ -114,9 +121,16 @@ def load_dataset(
     scikit-learn, resized to 32x32 RGB, for running examples on a machine
     without network or datasets.
 
-    Without TensorFlow, `"digits"` is returned as two `ArrayBatches`
-    (`keras.utils.PyDataset`s of NumPy batches, with the same subsets,
-    shuffling, augmentation and normalization); the other names raise a
+    The pipelines are `tf.data.Dataset`s (`format="tf"`) or `ArrayBatches`,
+    `keras.utils.PyDataset`s of NumPy batches that need no TensorFlow
+    (`format="numpy"`). By default they are `tf.data` when TensorFlow is
+    installed and NumPy batches otherwise. `"digits"` and `"image_folder"`
+    load either way, with the same subsets, shuffling, augmentation and
+    normalization; as NumPy batches, image files are read with Pillow and
+    resized bilinearly as `keras.utils.image_dataset_from_directory` does
+    (decoded images of at most 64x64 pixels are kept in memory, as the
+    `tf.data` pipeline caches them). The tensorflow-datasets names load
+    only as `tf.data`: without TensorFlow they raise a
     `DatasetNotAvailableError` naming the `data` extra.
 
     For the tensorflow-datasets names, `data_dir` is the tfds data
@@ -126,10 +140,11 @@ def load_dataset(
     download retries. ImageNet and Cityscapes need their archives in
     `manual_dir` (see the tfds instructions).
 
-    Training data is shuffled and, with `augment`, augmented with Keras
-    preprocessing layers (for 32x32 images the CIFAR augmentation: 4-pixel
-    zero padding, random crop and horizontal flip; for other classification
-    images a random horizontal flip; segmentation data is not augmented).
+    Training data is shuffled and, with `augment`, augmented (with Keras
+    preprocessing layers in `tf.data`, in NumPy otherwise): for 32x32
+    images the CIFAR augmentation (4-pixel zero padding, random crop and
+    horizontal flip), for other classification images a random horizontal
+    flip; segmentation data is not augmented.
     With `normalize`, images are standardized per channel with the
     dataset's statistics (CIFAR-10/100), ImageNet's statistics otherwise, or
     the `(mean, std)` pair given.
@@ -148,6 +163,9 @@ def load_dataset(
         max_test_examples: optional int, use only this many test examples.
         seed: optional int, seed of the shuffling and augmentation.
         download: bool, whether tfds may download a missing dataset.
+        format: `"tf"` for `tf.data` pipelines, `"numpy"` for
+            `ArrayBatches` (`"digits"` and `"image_folder"` only), or `None`
+            for `"tf"` when TensorFlow is installed and `"numpy"` otherwise.
 
     Returns:
         `(train, test, info)`.
@@ -174,10 +192,18 @@ def load_dataset(
             f"Received: batch_size={batch_size!r}"
         )
     image_size = _size_pair(image_size)
-    if name == "digits" and not _has_tensorflow():
-        # In memory: NumPy batches, for installs without TensorFlow.
-        return _digits_without_tensorflow(
-            image_size or (32, 32),
+    format = _data_format(name, format)
+    if format == "numpy":
+        # In memory or read from files: NumPy batches, no TensorFlow.
+        if name == "digits":
+            splits, info = _digits_without_tensorflow(image_size or (32, 32))
+        else:
+            splits, info = _image_folder_without_tensorflow(
+                data_dir, image_size
+            )
+        return _numpy_batches(
+            splits,
+            info,
             batch_size,
             augment,
             normalize,
@@ -255,12 +281,39 @@ def _require_tensorflow(name):
     try:
         import tensorflow  # noqa: F401
     except ImportError as error:
+        offline = (
+            'or pass `format="numpy"` for NumPy batches, which need none'
+            if name in _NUMPY_DATASETS
+            else 'or load "digits" or "image_folder", which need none, or '
+            "pass NumPy arrays to `fit`"
+        )
         raise DatasetNotAvailableError(
-            f"Loading {name!r} needs TensorFlow, whose `tf.data` pipelines "
-            "feed `model.fit` on every Keras backend: install the `data` "
-            'extra (`pip install "keras-moe[data]"`, or `pip install '
-            '".[jax,data]"` in a clone), or pass NumPy arrays to `fit`.'
+            f"Loading {name!r} as `tf.data` pipelines, which feed "
+            "`model.fit` on every Keras backend, needs TensorFlow: install "
+            'the `data` extra (`pip install "keras-moe[data]"`, or `pip '
+            f'install ".[jax,data]"` in a clone), {offline}.'
         ) from error
+
+
+def _data_format(name, format):
+    """The pipeline format of `name`: `format`, or what is installed."""
+    if format not in (None,) + _FORMATS:
+        raise ValueError(
+            f"`format` must be one of {list(_FORMATS)} or None. "
+            f"Received: format={format!r}"
+        )
+    if name not in _NUMPY_DATASETS:
+        if format == "numpy":
+            raise ValueError(
+                f"{name!r} comes from tensorflow-datasets as `tf.data` "
+                'pipelines; `format="numpy"` is for '
+                f"{' and '.join(map(repr, _NUMPY_DATASETS))}. "
+                f"Received: format={format!r}"
+            )
+        return "tf"
+    if format is None:
+        return "tf" if _has_tensorflow() else "numpy"
+    return format
 
 
 def _size_pair(image_size):
@@ -312,9 +365,9 @@ def _image_files(folder):
     return found
 
 
-def _image_folder(data_dir, image_size):
-    import keras
-
+def _image_folder_files(data_dir):
+    """The class names of an image folder, and the image files of each
+    class in its `train` and `test` splits."""
     if data_dir is None or not _is_image_folder(data_dir):
         raise DatasetNotAvailableError(
             "An image folder needs `data_dir` with `train/<class>/*` and "
@@ -336,8 +389,9 @@ def _image_folder(data_dir, image_size):
             f"only in train: {sorted(set(class_names) - set(test_names))}. "
             "Both splits need a folder for every class."
         )
-    first_image = None
+    files = []
     for split_dir in (train_dir, test_dir):
+        split_files = []
         for name in class_names:
             images = _image_files(os.path.join(split_dir, name))
             if not images:
@@ -347,15 +401,22 @@ def _image_folder(data_dir, image_size):
                     f"{', '.join(_IMAGE_EXTENSIONS)}). Add its images, or "
                     "remove the class from both splits."
                 )
-            first_image = first_image or images[0]
+            split_files.append(images)
+        files.append(split_files)
+    return class_names, files
+
+
+def _image_folder(data_dir, image_size):
+    import keras
+
+    class_names, files = _image_folder_files(data_dir)
     if image_size is None:
         # The size of the first training image, so images keep their size.
-        image = keras.utils.load_img(first_image)
-        image_size = (image.height, image.width)
+        image_size = _read_image(files[0][0][0]).shape[:2]
     splits = []
-    for split_dir in (train_dir, test_dir):
+    for split in ("train", "test"):
         ds = keras.utils.image_dataset_from_directory(
-            split_dir,
+            os.path.join(data_dir, split),
             labels="inferred",
             label_mode="int",
             class_names=class_names,
@@ -375,6 +436,112 @@ def _image_folder(data_dir, image_size):
         num_test=int(splits[1].cardinality()),
     )
     return splits[0], splits[1], info
+
+
+def _image_folder_without_tensorflow(data_dir, image_size):
+    """The image folder's splits as `(images, labels)`, images read from
+    their files when indexed, with Pillow; and its `DatasetInfo`."""
+    class_names, files = _image_folder_files(data_dir)
+    if image_size is None:
+        image_size = _read_image(files[0][0][0]).shape[:2]
+    splits = []
+    for split_files in files:
+        # `image_dataset_from_directory`'s order and labels: the files of
+        # each class in turn, labelled with the index of their class.
+        paths = [path for paths in split_files for path in paths]
+        labels = np.repeat(
+            np.arange(len(class_names), dtype="int32"),
+            [len(paths) for paths in split_files],
+        )
+        splits.append((_ImageFiles(paths, image_size), labels))
+    info = DatasetInfo(
+        name="image_folder",
+        num_classes=len(class_names),
+        image_shape=(*image_size, 3),
+        class_names=class_names,
+        num_train=len(splits[0][1]),
+        num_test=len(splits[1][1]),
+    )
+    return splits, info
+
+
+def _read_image(path):
+    """The image file at `path` as a uint8 RGB array `(height, width, 3)`,
+    as `image_dataset_from_directory` decodes it (grayscale repeated, alpha
+    dropped, the first frame of an animation)."""
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise DatasetNotAvailableError(
+            "Reading an image folder needs Pillow: `pip install pillow` "
+            "(the `data` extra installs it)."
+        ) from error
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _resize_bilinear(images, size):
+    """Bilinear resizing of float `(num, height, width, channels)` images,
+    as `tf.image.resize` does without antialiasing (pixel centres at
+    half-integers, edge pixels repeated)."""
+
+    def taps(in_size, out_size):
+        position = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+        position = np.clip(position, 0, in_size - 1)
+        low = np.floor(position).astype(int)
+        high = np.minimum(low + 1, in_size - 1)
+        return low, high, (position - low).astype(images.dtype)
+
+    top, bottom, dy = taps(images.shape[1], size[0])
+    left, right, dx = taps(images.shape[2], size[1])
+    dy, dx = dy[None, :, None, None], dx[None, None, :, None]
+    rows = images[:, top] * (1 - dy) + images[:, bottom] * dy
+    return rows[:, :, left] * (1 - dx) + rows[:, :, right] * dx
+
+
+def _rows(images, idx):
+    """The images at `idx`, of an array or of `_ImageFiles`."""
+    if isinstance(images, _ImageFiles):
+        return _ImageFiles([images.paths[i] for i in idx], images.image_size)
+    return images[idx]
+
+
+class _ImageFiles:
+    """Image files as an array of float32 RGB images in [0, 1] that reads
+    the files it is indexed with (by an integer array), resized to
+    `image_size`. Images of at most 64x64 pixels are read once and kept."""
+
+    def __init__(self, paths, image_size):
+        self.paths = list(paths)
+        self.image_size = tuple(image_size)
+        height, width = self.image_size
+        self._cache = {} if height * width <= 64 * 64 else None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def _image(self, index):
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        image = _read_image(self.paths[index]).astype("float32")
+        if image.shape[:2] != self.image_size:
+            image = _resize_bilinear(image[None], self.image_size)[0]
+        image = image / np.float32(255.0)
+        if self._cache is not None:
+            self._cache[index] = image
+        return image
+
+    def __getitem__(self, rows):
+        rows = np.asarray(rows)
+        if rows.ndim != 1:
+            raise IndexError(
+                "Image files are indexed with a 1D array of integers. "
+                f"Received: {rows!r}"
+            )
+        height, width = self.image_size
+        if not len(rows):
+            return np.zeros((0, height, width, 3), "float32")
+        return np.stack([self._image(int(i)) for i in rows])
 
 
 def _digits_arrays():
@@ -417,9 +584,8 @@ def _digits(image_size):
     return split(train_idx), split(test_idx), info
 
 
-def _digits_without_tensorflow(
-    image_size, batch_size, augment, normalize, max_train, max_test, seed
-):
+def _digits_without_tensorflow(image_size):
+    """The digits' splits as `(images, labels)` arrays, and their info."""
     images, labels, train_idx, test_idx = _digits_arrays()
     resized = keras.ops.image.resize(images, image_size)
     resized = np.asarray(keras.ops.convert_to_numpy(resized), "float32")
@@ -429,42 +595,57 @@ def _digits_without_tensorflow(
         num_classes=10,
         image_shape=(*image_size, 3),
         class_names=[str(i) for i in range(10)],
+        num_train=len(train_idx),
+        num_test=len(test_idx),
     )
-    splits = []
-    for idx, limit in ((train_idx, max_train), (test_idx, max_test)):
+    splits = [(rgb[idx], labels[idx]) for idx in (train_idx, test_idx)]
+    return splits, info
+
+
+def _numpy_batches(
+    splits, info, batch_size, augment, normalize, max_train, max_test, seed
+):
+    """`_finish` for NumPy: `(images, labels)` splits as `ArrayBatches`,
+    with the subsets, shuffling, augmentation and normalization of the
+    `tf.data` pipelines."""
+    subsets = []
+    for (images, labels), limit in zip(splits, (max_train, max_test)):
         if limit is not None:
             _check_limit(limit)
-        if limit is not None and limit < len(idx):
-            chosen = np.random.default_rng(seed).choice(len(idx), limit, False)
-            idx = idx[np.sort(chosen)]
-        splits.append((rgb[idx], labels[idx]))
-    info.num_train, info.num_test = len(splits[0][1]), len(splits[1][1])
+        if limit is not None and limit < len(labels):
+            # The examples `_subset` keeps, in their order.
+            rng = np.random.default_rng(seed)
+            idx = np.sort(rng.choice(len(labels), limit, replace=False))
+            images, labels = _rows(images, idx), labels[idx]
+        subsets.append((images, labels))
+    info.num_train, info.num_test = (len(labels) for _, labels in subsets)
     mean = std = None
     if normalize:
         mean, std = (
-            (aug.IMAGENET_MEAN, aug.IMAGENET_STD)
+            _STATISTICS.get(info.name, (aug.IMAGENET_MEAN, aug.IMAGENET_STD))
             if normalize is True
             else normalize
         )
         aug.normalization(mean, std)  # checks the statistics
     train = ArrayBatches(
-        *splits[0],
+        *subsets[0],
         batch_size,
         shuffle=True,
-        augment=augment,
+        augment=augment and info.task == "classification",
         mean=mean,
         std=std,
         seed=seed,
     )
-    test = ArrayBatches(*splits[1], batch_size, mean=mean, std=std)
+    test = ArrayBatches(*subsets[1], batch_size, mean=mean, std=std)
     return train, test, info
 
 
 class ArrayBatches(keras.utils.PyDataset):
-    """Batches of in-memory images and labels, without TensorFlow.
+    """Batches of images and labels as NumPy arrays, without TensorFlow.
 
-    What `load_dataset` returns for in-memory data (`"digits"`) when
-    TensorFlow is not installed: a `keras.utils.PyDataset` that `fit`,
+    What `load_dataset` returns for `"digits"` and `"image_folder"` when
+    TensorFlow is not installed (or with `format="numpy"`): a
+    `keras.utils.PyDataset` that `fit`,
     `evaluate` and `predict` take on every backend. With `shuffle` the
     order changes at every epoch (`on_epoch_end`, which `fit` calls), as
     a function of `seed` and the epoch; with `augment`, 32x32 images get
@@ -473,7 +654,9 @@ class ArrayBatches(keras.utils.PyDataset):
     `mean` and `std`, images are standardized per channel.
 
     Args:
-        images: float array `(num, height, width, channels)`.
+        images: float array `(num, height, width, channels)`, or an object
+            with `len` that gives such an array when indexed by an integer
+            array (as the image folders' files are read batch by batch).
         labels: integer array `(num,)`.
         batch_size: int, examples per batch (the last may be smaller).
         shuffle: bool, whether to shuffle at every epoch.
