@@ -4,10 +4,24 @@ import time
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
+from keras_moe import data
+from keras_moe.data import datasets
 
-from keras_moe import data  # noqa: E402
-from keras_moe.data import datasets  # noqa: E402
+
+@pytest.fixture
+def tf():
+    """TensorFlow, for the tests of the `tf.data` pipelines; the others run
+    without it too (the NumPy batches are then the default)."""
+    return pytest.importorskip("tensorflow")
+
+
+# The pipelines: `tf.data` (needs TensorFlow) and NumPy batches.
+FORMATS = ("tf", "numpy")
+
+
+def require(format):
+    if format == "tf":
+        pytest.importorskip("tensorflow")
 
 
 def make_image_folder(root, classes=("cat", "dog", "frog"), size=32):
@@ -27,11 +41,13 @@ def make_image_folder(root, classes=("cat", "dog", "frog"), size=32):
 
 
 def collect(dataset):
-    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset])
+    images, labels = zip(*[(np.asarray(x), np.asarray(y)) for x, y in dataset])
     return np.concatenate(images), np.concatenate(labels)
 
 
-def test_image_folder(tmp_path):
+@pytest.mark.parametrize("format", FORMATS)
+def test_image_folder(tmp_path, format):
+    require(format)
     root = make_image_folder(tmp_path)
     train, test, info = data.load_dataset(
         "image_folder",
@@ -39,6 +55,7 @@ def test_image_folder(tmp_path):
         batch_size=5,
         augment=False,
         normalize=False,
+        format=format,
     )
     assert info.class_names == ["cat", "dog", "frog"]
     assert (info.num_classes, info.num_train, info.num_test) == (3, 12, 6)
@@ -53,9 +70,15 @@ def test_image_folder(tmp_path):
         )
 
 
-def test_cifar_loader_reads_an_image_folder_with_cifar_statistics(tmp_path):
+@pytest.mark.parametrize("format", FORMATS)
+def test_cifar_loader_reads_an_image_folder_with_cifar_statistics(
+    tmp_path, format
+):
+    require(format)
     root = make_image_folder(tmp_path)
-    train, _, info = data.load_cifar10(str(root), batch_size=12, augment=False)
+    train, _, info = data.load_cifar10(
+        str(root), batch_size=12, augment=False, format=format
+    )
     images, labels = collect(train)
     mean = np.array(data.augmentation.CIFAR10_MEAN)
     std = np.array(data.augmentation.CIFAR10_STD)
@@ -65,7 +88,9 @@ def test_cifar_loader_reads_an_image_folder_with_cifar_statistics(tmp_path):
     )
 
 
-def test_subset_is_random_and_fixed_across_epochs(tmp_path):
+@pytest.mark.parametrize("format", FORMATS)
+def test_subset_is_random_and_fixed_across_epochs(tmp_path, format):
+    require(format)
     root = make_image_folder(tmp_path)
     train, _, info = data.load_dataset(
         "image_folder",
@@ -75,9 +100,12 @@ def test_subset_is_random_and_fixed_across_epochs(tmp_path):
         augment=False,
         normalize=False,
         seed=3,
+        format=format,
     )
     assert info.num_train == 6
     first = np.sort(collect(train)[0][:, 0, 0, 0])
+    if format == "numpy":
+        train.on_epoch_end()  # what `fit` calls between epochs
     second = np.sort(collect(train)[0][:, 0, 0, 0])
     np.testing.assert_array_equal(first, second)
     assert len(first) == 6
@@ -85,7 +113,7 @@ def test_subset_is_random_and_fixed_across_epochs(tmp_path):
     assert len(np.unique(first)) > 1
 
 
-def test_cifar_augmentation_crops_and_flips_each_image():
+def test_cifar_augmentation_crops_and_flips_each_image(tf):
     rng = np.random.default_rng(0)
     images = rng.random((6, 32, 32, 3)).astype("float32")
     augment = data.cifar_augmentation(seed=1)
@@ -120,14 +148,16 @@ def test_digits_ship_offline():
     assert x.shape == (64, 32, 32, 3) and y.shape == (64,)
 
 
-def test_missing_tfds_dataset_fails_fast_without_download(tmp_path):
+def test_missing_tfds_dataset_fails_fast_without_download(tmp_path, tf):
     start = time.monotonic()
     with pytest.raises(data.DatasetNotAvailableError, match="data_dir"):
         data.load_dataset("cifar10", data_dir=str(tmp_path), download=False)
     assert time.monotonic() - start < 30
 
 
-def test_missing_tfds_dataset_fails_fast_when_offline(tmp_path, monkeypatch):
+def test_missing_tfds_dataset_fails_fast_when_offline(
+    tmp_path, tf, monkeypatch
+):
     monkeypatch.setattr(datasets, "_reachable", lambda url, timeout=3: False)
     with pytest.raises(
         data.DatasetNotAvailableError, match="cannot be reached"
@@ -141,7 +171,7 @@ def test_unreachable_host_is_detected_quickly():
     assert time.monotonic() - start < 10
 
 
-def test_manual_dataset_asks_for_manual_dir(tmp_path):
+def test_manual_dataset_asks_for_manual_dir(tmp_path, tf):
     with pytest.raises(data.DatasetNotAvailableError, match="manual_dir"):
         data.load_dataset("imagenet", data_dir=str(tmp_path))
 
@@ -225,7 +255,7 @@ def test_tfds_pipelines_on_mock_data(
     assert set(np.unique(y.numpy())) <= set(range(num_classes))
 
 
-def test_celeba_four_way_labels():
+def test_celeba_four_way_labels(tf):
     transform, _ = datasets._tfds_transform(
         "celeba_smiling_eyeglasses", None, (8, 8)
     )
@@ -240,7 +270,7 @@ def test_celeba_four_way_labels():
     assert labels == [0, 1, 2, 3]
 
 
-def test_cityscapes_labels_map_to_train_ids():
+def test_cityscapes_labels_map_to_train_ids(tf):
     transform, info = datasets._tfds_transform("cityscapes", None, (2, 4))
     label_ids = np.array([[7, 8, 26, 33], [0, 6, 34, 255]], "uint8")
     features = {
@@ -262,6 +292,8 @@ def test_cityscapes_labels_map_to_train_ids():
         (dict(name="digits", batch_size=0), "batch_size=0"),
         (dict(name="digits", image_size=(32,)), "image_size"),
         (dict(name="digits", max_train_examples=-5), "-5"),
+        (dict(name="digits", format="jax"), "format='jax'"),
+        (dict(name="cifar10", format="numpy"), "format='numpy'"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -318,13 +350,15 @@ model.fit(train, epochs=1, verbose=0)
 print("ACCURACY", model.evaluate(test, verbose=0, return_dict=True)["accuracy"])
 print("TENSORFLOW", sys.modules.get("tensorflow"))
 try:
-    data.load_dataset("image_folder", data_dir=".")
+    data.load_dataset("cifar10")
 except data.DatasetNotAvailableError as error:
     print("ERROR", error)
 """
     )
     assert "ACCURACY" in out and "TENSORFLOW None" in out
-    assert "keras-moe[data]" in out and "'image_folder'" in out
+    # The tensorflow-datasets names say what to install, and what loads
+    # without it.
+    assert "keras-moe[data]" in out and '"image_folder"' in out
 
 
 def test_array_batches_reject_bad_input():
@@ -335,3 +369,160 @@ def test_array_batches_reject_bad_input():
         data.ArrayBatches(images, np.arange(3), batch_size=2)
     with pytest.raises(IndexError):
         data.ArrayBatches(images, np.arange(4), batch_size=2)[2]
+
+
+def write_image_folder(root, rng, classes=("zebra", "ant", "moth"), size=8):
+    """An image folder of random PNGs written with Pillow, its classes
+    created out of order; returns `{(split, class, index): pixels}`, uint8
+    RGB. The last test image of each class is stored as grayscale."""
+    from PIL import Image
+
+    pixels = {}
+    for split, count in (("train", 3), ("test", 2)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                image = rng.integers(0, 256, (size, size, 3), dtype="uint8")
+                if split == "test" and i == count - 1:
+                    image = np.repeat(image[..., :1], 3, axis=-1)
+                    Image.fromarray(image[..., 0], "L").save(
+                        root / split / name / f"{i}.png"
+                    )
+                else:
+                    Image.fromarray(image).save(
+                        root / split / name / f"{i}.png"
+                    )
+                pixels[(split, name, i)] = image
+    return pixels
+
+
+def test_image_folder_loads_without_tensorflow(tmp_path):
+    pixels = write_image_folder(tmp_path / "images", np.random.default_rng(0))
+    out = tmp_path / "out.npz"
+    printed = run_without_tensorflow(
+        f"""
+import numpy as np
+from keras_moe import data
+root, out = {str(tmp_path / "images")!r}, {str(out)!r}
+def collect(split):
+    x, y = zip(*(split[i] for i in range(len(split))))
+    return np.concatenate(x), np.concatenate(y)
+kwargs = dict(data_dir=root, batch_size=4, augment=False, normalize=False)
+train, test, info = data.load_dataset("image_folder", **kwargs)
+print(type(train).__name__, type(test).__name__)
+print(info.class_names, info.num_train, info.num_test, info.image_shape)
+x, y = collect(test)
+_, small, _ = data.load_dataset("image_folder", image_size=4, **kwargs)
+small_x, _ = collect(small)
+sub, _, sub_info = data.load_dataset(
+    "image_folder", max_train_examples=4, seed=1, **kwargs)
+sub_y = np.sort(collect(sub)[1])
+_, cifar, _ = data.load_cifar10(root, batch_size=4, augment=False)
+cifar_x, _ = collect(cifar)
+aug, _, _ = data.load_dataset(
+    "image_folder", data_dir=root, batch_size=9, seed=0, normalize=False)
+aug_x, aug_y = aug[0]
+print(sub_info.num_train, len(sub_y), aug_x.shape, aug_x.dtype, aug_y.dtype)
+np.savez(out, x=x, y=y, small_x=small_x, cifar_x=cifar_x, aug_x=aug_x)
+print("TENSORFLOW", sys.modules.get("tensorflow"))
+"""
+    )
+    lines = printed.splitlines()
+    assert lines[0] == "ArrayBatches ArrayBatches"
+    # Labels index the sorted class folders.
+    assert lines[1] == "['ant', 'moth', 'zebra'] 9 6 (8, 8, 3)"
+    assert lines[2] == "4 4 (9, 8, 8, 3) float32 int32"
+    assert lines[3] == "TENSORFLOW None"
+    got = np.load(out)
+    order = [(n, i) for n in ("ant", "moth", "zebra") for i in range(2)]
+    expected = np.stack([pixels[("test", n, i)] for n, i in order]) / 255.0
+    np.testing.assert_array_equal(got["y"], [0, 0, 1, 1, 2, 2])
+    assert got["x"].dtype == np.float32
+    assert got["x"].min() >= 0 and got["x"].max() <= 1
+    np.testing.assert_allclose(got["x"], expected, atol=1e-6)
+    # Bilinear with pixel centres at half-integers, as `tf.image.resize`:
+    # halving the size averages 2x2 blocks (Pillow's antialiased bilinear
+    # would weigh 4x4 pixels).
+    blocks = expected.reshape(6, 4, 2, 4, 2, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(got["small_x"], blocks, atol=1e-6)
+    # `load_cifar10` standardizes an image folder with CIFAR-10's statistics.
+    mean = np.array(data.augmentation.CIFAR10_MEAN)
+    std = np.array(data.augmentation.CIFAR10_STD)
+    np.testing.assert_allclose(
+        got["cifar_x"], (expected - mean) / std, atol=1e-5
+    )
+    # Augmented (8x8 images: flipped or not), the training images stay
+    # training images.
+    train_images = [v / 255.0 for k, v in pixels.items() if k[0] == "train"]
+    for image in got["aug_x"]:
+        assert any(
+            np.allclose(image, t, atol=1e-6)
+            or np.allclose(image, t[:, ::-1], atol=1e-6)
+            for t in train_images
+        )
+
+
+def test_image_folder_pipelines_agree(tmp_path, tf):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for name in ("b", "a"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i, size in enumerate(((13, 7), (5, 9))):
+                pixels = rng.integers(0, 256, (*size, 3), dtype="uint8")
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    for image_size in ((6, 10), (20, 11), (13, 7)):
+        batches = {}
+        for format in FORMATS:
+            _, test, info = data.load_dataset(
+                "image_folder",
+                data_dir=str(tmp_path),
+                image_size=image_size,
+                batch_size=3,
+                augment=False,
+                format=format,
+            )
+            batches[format] = collect(test)
+            assert info.image_shape == (*image_size, 3)
+        np.testing.assert_array_equal(batches["tf"][1], batches["numpy"][1])
+        np.testing.assert_allclose(
+            batches["tf"][0], batches["numpy"][0], atol=1e-5
+        )
+
+
+def test_digits_pipelines_agree(tf):
+    kwargs = dict(batch_size=100, seed=1, max_test_examples=200)
+    _, tf_test, tf_info = data.load_dataset("digits", format="tf", **kwargs)
+    _, np_test, np_info = data.load_dataset("digits", format="numpy", **kwargs)
+    assert tf_info == np_info
+    for tf_part, np_part in zip(collect(tf_test), collect(np_test)):
+        np.testing.assert_allclose(tf_part, np_part, atol=1e-5)
+
+
+def test_mnist_npz_loads_without_tensorflow(tmp_path):
+    path = tmp_path / "mnist.npz"
+    rng = np.random.default_rng(2)
+    arrays = {
+        "x_train": rng.integers(0, 256, (6, 28, 28), dtype="uint8"),
+        "y_train": rng.integers(0, 10, 6).astype("uint8"),
+        "x_test": rng.integers(0, 256, (4, 28, 28), dtype="uint8"),
+        "y_test": rng.integers(0, 10, 4).astype("uint8"),
+    }
+    np.savez(path, **arrays)
+    out = run_without_tensorflow(
+        f"""
+import numpy as np
+from keras_moe.data import load_mnist
+(x, y), (xt, yt) = load_mnist({str(path)!r})
+np.savez({str(tmp_path / "out.npz")!r}, x_train=x, y_train=y, x_test=xt,
+         y_test=yt)
+print("TENSORFLOW", sys.modules.get("tensorflow"))
+"""
+    )
+    assert "TENSORFLOW None" in out
+    with np.load(tmp_path / "out.npz") as got:
+        for key, value in arrays.items():
+            assert got[key].dtype == value.dtype
+            np.testing.assert_array_equal(got[key], value)
