@@ -33,6 +33,7 @@ coloured rectangles, offline, in a minute or two.
 
 import argparse
 import os
+import warnings
 
 import _common
 
@@ -243,7 +244,25 @@ def build(args, num_classes, input_shape):
 
 
 def mean_iou_metric(num_classes):
-    return keras.metrics.MeanIoU(
+    class MeanIoU(keras.metrics.MeanIoU):
+        """`keras.metrics.MeanIoU`, without jax's int64 warning.
+
+        Keras casts the indices of its confusion matrix to int64
+        (`keras.src.metrics.metrics_utils.confusion_matrix`); jax, which
+        computes in int32 unless `jax_enable_x64` is set, warns at every
+        update that it truncates them. Class indices fit in int32.
+        """
+
+        def update_state(self, *args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore",
+                    message="Explicitly requested dtype int64",
+                    category=UserWarning,
+                )
+                return super().update_state(*args, **kwargs)
+
+    return MeanIoU(
         num_classes, sparse_y_pred=False, ignore_class=IGNORE, name="mean_iou"
     )
 
