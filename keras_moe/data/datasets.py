@@ -236,6 +236,10 @@ def load_dataset(
 def load_cifar10(data_dir=None, **kwargs):
     """CIFAR-10 from tensorflow-datasets, or from an image folder.
 
+    An image folder is standardized with CIFAR-10's statistics unless
+    `normalize` says otherwise, and loads without TensorFlow too (see
+    `load_dataset`).
+
     Args:
         data_dir: the tfds data directory; or a folder with
             `train/<class>/*` and `test/<class>/*` images, which is then
@@ -253,6 +257,10 @@ def load_cifar10(data_dir=None, **kwargs):
 
 def load_cifar100(data_dir=None, **kwargs):
     """CIFAR-100 (fine labels) from tensorflow-datasets or an image folder.
+
+    An image folder is standardized with CIFAR-100's statistics unless
+    `normalize` says otherwise, and loads without TensorFlow too (see
+    `load_dataset`).
 
     Args:
         data_dir: the tfds data directory or an image folder.

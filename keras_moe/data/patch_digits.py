@@ -15,7 +15,8 @@ def load_mnist(path=None):
 
     Args:
         path: optional path to an `mnist.npz` in the `keras.datasets.mnist`
-            layout (`x_train`, `y_train`, `x_test`, `y_test`). Without it,
+            layout (`x_train`, `y_train`, `x_test`, `y_test`), read with
+            NumPy alone (no TensorFlow needed). Without it,
             `keras.datasets.mnist.load_data()` is used: the Keras cache
             (`~/.keras/datasets/mnist.npz`), or a download.
 
