@@ -1,7 +1,7 @@
 """Train a DeepMoE-ResNet on CIFAR with the paper's two-phase schedule.
 
     KERAS_BACKEND=jax python examples/cifar_deepmoe.py            # CIFAR-10
-    KERAS_BACKEND=jax python examples/cifar_deepmoe.py --smoke    # 1-2 minutes
+    KERAS_BACKEND=jax python examples/cifar_deepmoe.py --smoke    # about 30 s
     python examples/cifar_deepmoe.py --dataset digits             # offline
     python examples/cifar_deepmoe.py --data-dir path/to/cifar10-images
 
@@ -138,6 +138,8 @@ def build(args, info):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.smoke:
+        _common.compile_quickly()
     _imports()
     _common.check_preset(args.model, DEEPMOE_RESNET_PRESETS)
     if args.smoke:

@@ -28,7 +28,7 @@ The final report gives the mean IoU (`keras.metrics.MeanIoU` with
 multiply-adds per frame, gate density per layer and time per epoch, and saves
 `results.json`, `curves.png` and `gate_density.png` in the output
 directory. `--smoke` trains a tiny DRN on small synthetic images of
-coloured rectangles, offline, in a minute or two.
+coloured rectangles, offline, in about half a minute.
 """
 
 import argparse
@@ -144,7 +144,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="a tiny DRN on small synthetic images, in a minute or two",
+        help="a tiny DRN on small synthetic images, in about half a minute",
     )
     return parser.parse_args(argv)
 
@@ -299,13 +299,15 @@ def evaluate(network, dataset, num_classes, gated):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.smoke:
+        _common.compile_quickly()
     _imports()
     _common.check_preset(args.model, DEEPMOE_DRN_PRESETS)
     if args.smoke:
         args.dataset, args.batch_size = "synthetic", 8
         args.image_size, args.crop_size = [32, 48], [32, 32]
-        args.joint_epochs, args.finetune_epochs = 1, 1
-        args.learning_rate, args.lr_boundaries = 0.05, [1]
+        args.joint_epochs, args.finetune_epochs = 3, 1
+        args.learning_rate, args.lr_boundaries = 0.05, [3]
     for option in ("image_size", "crop_size"):
         size = getattr(args, option)
         if any(side <= 0 or side % 8 for side in size):

@@ -11,7 +11,8 @@ each digit class), and saves a heat map of that specialisation.
 
 Without `--mnist-path` the script uses `keras.datasets.mnist`, which needs
 the file in the Keras cache or a network connection. `--smoke` runs a tiny
-configuration on the digits that ship with scikit-learn, in a minute or two.
+configuration on the digits that ship with scikit-learn, in about half a
+minute.
 """
 
 import argparse
@@ -19,6 +20,8 @@ import json
 import math
 import os
 import time
+
+import _common
 
 
 def _imports():
@@ -224,9 +227,11 @@ def plot_specialisation(tables, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.smoke:
+        _common.compile_quickly()
     _imports()
     if args.smoke:
-        args.epochs, args.expert_units, args.gate_hidden_units = 2, 16, 8
+        args.epochs, args.expert_units, args.gate_hidden_units = 10, 16, 8
         args.balance_steps = 10
     keras.utils.set_random_seed(args.seed)
     train_data, test_data = load_data(args)

@@ -21,13 +21,15 @@ send the discriminative digit to its expert (the paper's figures 8-9):
 
 Without `--mnist-path` the script uses `keras.datasets.mnist` (the Keras
 cache or a download). `--smoke` runs a tiny version on the 8x8 digits that
-ship with scikit-learn, in a minute or two.
+ship with scikit-learn, in about half a minute.
 """
 
 import argparse
 import json
 import os
 import time
+
+import _common
 
 MODELS = ("separate", "joint", "cnn")
 LABELS = {
@@ -400,10 +402,12 @@ def print_report(summary, results, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.smoke:
+        _common.compile_quickly()
     _imports()
     if args.smoke:
-        args.sample_sizes, args.seeds, args.test_samples = [40], 1, 100
-        args.epochs, args.router_epochs = 2, 2
+        args.sample_sizes, args.seeds, args.test_samples = [200], 1, 200
+        args.epochs, args.router_epochs = 10, 5
         args.joint_experts, args.joint_patches = 4, 2
     (train_images, train_labels), (test_images, test_labels) = load_digits(args)
     patch_size = train_images.shape[1:3]

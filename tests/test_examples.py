@@ -64,7 +64,8 @@ def test_mnist_stacked_moe_smoke(tmp_path):
         abs(moe["parameters"] - dense["parameters"])
         < 0.01 * dense["parameters"]
     )
-    assert 0.0 <= moe["test_accuracy"] <= 1.0
+    # Ten classes: chance is 0.1; both networks learn.
+    assert moe["test_accuracy"] > 0.3 and dense["test_accuracy"] > 0.3
     assert set(results["specialisation"]) == {"layer_1", "layer_2"}
     assert (tmp_path / "specialisation.png").stat().st_size > 1000
 
@@ -160,7 +161,8 @@ def test_cifar_deepmoe_smoke_and_resume(tmp_path, model):
     assert "test accuracy" in out and "multiply-adds per image" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
-    assert 0.0 <= results["test_accuracy"] <= 1.0
+    # Ten classes: chance is 0.1; the smoke run learns.
+    assert 0.5 < results["test_accuracy"] <= 1.0
     assert results["effective_mmacs"] <= results["dense_mmacs"]
     assert (tmp_path / "curves.png").exists()
     if "deepmoe" in model:
@@ -228,9 +230,10 @@ def test_imagenet_deepmoe_smoke(tmp_path):
     assert "top-5 accuracy" in out and "multiply-adds per image" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
-    assert 0.0 <= results["top1_accuracy"] <= results["top5_accuracy"] <= 1.0
+    # Ten classes: chance is 0.1 (top-1) and 0.5 (top-5).
+    assert 0.5 < results["top1_accuracy"] <= results["top5_accuracy"] <= 1.0
     # The paper's ImageNet schedule: joint training only.
-    assert results["history"]["phase"] == [1]
+    assert results["history"]["phase"] == [1, 1, 1, 1]
     assert results["mu"] == 0.0
     assert results["effective_mmacs"] <= results["dense_mmacs"]
     assert len(results["gate_density"]["per_layer"]) == 3
@@ -246,7 +249,7 @@ def test_cityscapes_deepmoe_drn_smoke(tmp_path):
     assert "mean IoU" in out and "multiply-adds per image" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
-    assert results["history"]["phase"] == [1, 2]
+    assert results["history"]["phase"] == [1, 1, 1, 2]
     assert "mean_iou" in results["history"]
     # Trained on crops, evaluated on whole frames.
     assert results["crop_size"] == [32, 32]
@@ -256,6 +259,10 @@ def test_cityscapes_deepmoe_drn_smoke(tmp_path):
     ious = [v for v in per_class.values() if v is not None]
     assert results["mean_iou"] == pytest.approx(np.mean(ious), abs=1e-5)
     assert 0.0 <= results["pixel_accuracy"] <= 1.0
+    # Labelling every pixel background scores its IoU over three classes
+    # (below 0.3): the smoke run does better on each rectangle class.
+    assert results["mean_iou"] > 0.4
+    assert per_class["rectangle 1"] > 0.1 and per_class["rectangle 2"] > 0.1
     # Four bottleneck-A blocks, two gated convolutions each.
     assert len(results["gate_density"]["per_layer"]) == 8
     assert results["effective_mmacs"] <= results["dense_mmacs"]
@@ -291,8 +298,9 @@ def test_pmoe_synthetic_mnist_smoke(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["backend"] == keras.backend.backend()
     assert set(results["summary"]) == {"separate", "joint", "cnn"}
-    separate = results["runs"]["separate"]["40"][0]
-    assert 0.0 <= separate["test_accuracy"] <= 1.0
+    separate = results["runs"]["separate"]["200"][0]
+    # Two classes: chance is 0.5.
+    assert separate["test_accuracy"] > 0.75
     # The top-8 patches of a router hold its class digit at least as often
     # as its top patch.
     assert separate["routing"]["top_8"] >= separate["routing"]["top_1"]
@@ -348,8 +356,9 @@ def test_wrn_pmoe_smoke(tmp_path, script, args, num_classes, pmoe_parameters):
     assert results["models"]["wrn_pmoe"]["pmoe"]["placement"] == placement
     for kind in ("wrn", "wrn_pmoe"):
         sizes = results["summary"][kind]
-        assert len(sizes) == 2
-        assert all(0.0 <= s["mean"] <= 1.0 for s in sizes.values())
+        assert len(sizes) == 1
+        # Far above chance (1 / num_classes).
+        assert all(2.5 / num_classes < s["mean"] <= 1.0 for s in sizes.values())
     # Class-balanced training sets of the requested sizes.
     assert sorted({r["train_size"] for r in results["runs"]}) == [
         int(s) for s in sorted(sizes, key=int)
