@@ -18,6 +18,8 @@ TITLES = {
     "backward vs the masked dense formulation",
     "wrn_pmoe_train_step": "(c) WRN-pMoE vs WRN train step",
     "sparse_inference": "(d) Sparse inference vs dense",
+    "packed_channels": "(d2) Per-example channels in one batched call vs "
+    "the dense block",
     "pmoe_halo_vs_authors": "(f) PatchExpertChoiceMoE with the halo "
     "placement vs the authors' masked pMoE layer",
 }

@@ -24,7 +24,7 @@ Without the prepared dataset and without network the script stops within
 seconds and says how to provide it. The loader keeps decoded images in
 memory: reading enough images of the rare "smiling, eyeglasses" class for
 the four-class task takes several GB of RAM. `--smoke` trains a narrow
-network for three epochs on 400 synthetic images (no faces, made at 64x64
+network for four epochs on 400 synthetic images (no faces, made at 64x64
 and halved to 32x32) whose classes are small local marks (a "smile" bar
 in the lower half, dark "eyeglasses" in the upper half), offline, in about
 half a minute.
@@ -168,7 +168,7 @@ def main(argv=None):
         # As cifar_wrn_pmoe.py's smoke run: a few dozen steps that learn.
         args.train_sizes = [400]
         args.test_size = 200
-        args.runs, args.epochs, args.batch_size = 1, 3, 32
+        args.runs, args.epochs, args.batch_size = 1, 4, 32
         args.widening_factor = 1
         args.momentum = args.batch_norm_momentum = 0.9
     return run_comparison(
