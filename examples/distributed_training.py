@@ -31,7 +31,8 @@ compute in the first case: batches of `batch-size / N`, gradients
 accumulated over N of them. The tests use it as the reference.
 
 The models are tiny and the data synthetic (a class is a bright quadrant),
-so that a run takes seconds; swap in your model and data. After training,
+so that a run takes well under a minute on a CPU (most of it compiling);
+swap in your model and data. After training,
 each model is evaluated on `--test-examples` held-out examples of the same
 kind (drawn with another seed). The script prints, for each model, the
 devices and engine it ran on, the per-epoch training logs (one column per
