@@ -113,6 +113,9 @@ def load(args):
     if args.smoke:
         kwargs["image_size"] = 16  # the 8x8 digits at twice their size
     name = args.dataset
+    if name == "digits":
+        # NumPy batches: the offline run imports no TensorFlow.
+        kwargs["format"] = "numpy"
     if args.data_dir and name in ("cifar10", "cifar100"):
         loader = data.load_cifar10 if name == "cifar10" else data.load_cifar100
         return _common.load_or_exit(loader, args.data_dir, **kwargs)
