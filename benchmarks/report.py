@@ -119,6 +119,23 @@ def section(benchmark, results):
                         "selected patches agree to "
                         f"{row['max_abs_difference_on_selected']:.1e}."
                     )
+            checked = [
+                row["max_abs_difference"]
+                for row in result["rows"]
+                if "max_abs_difference" in row
+            ]
+            if checked or result.get("skipped"):
+                lines.append("")
+            if checked:
+                lines.append(
+                    "- Largest difference from the baseline's outputs: "
+                    f"{max(checked):.1e}."
+                )
+            for entry in result.get("skipped", []):
+                lines.append(
+                    f"- {entry['case']}: {entry['name']} skipped "
+                    f"({entry['reason']})."
+                )
             flops = [row for row in result["rows"] if "flop_ratio" in row]
             if flops:
                 lines.append("")
