@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from keras_moe.data import augmentation as aug
+from keras_moe.layers._validation import check_positive_int
 
 
 class DatasetNotAvailableError(RuntimeError):
@@ -182,15 +183,7 @@ def load_dataset(
             f"Unknown dataset. Expected one of {list(DATASETS)}. "
             f"Received: name={name!r}"
         )
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or (batch_size <= 0)
-    ):
-        raise ValueError(
-            f"`batch_size` must be a positive integer. "
-            f"Received: batch_size={batch_size!r}"
-        )
+    check_positive_int("batch_size", batch_size)
     image_size = _size_pair(image_size)
     format = _data_format(name, format)
     if format == "numpy":
@@ -415,8 +408,6 @@ def _image_folder_files(data_dir):
 
 
 def _image_folder(data_dir, image_size):
-    import keras
-
     class_names, files = _image_folder_files(data_dir)
     if image_size is None:
         # The size of the first training image, so images keep their size.
@@ -696,15 +687,7 @@ class ArrayBatches(keras.utils.PyDataset):
         seed=None,
     ):
         super().__init__()
-        if (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, int)
-            or batch_size <= 0
-        ):
-            raise ValueError(
-                "`batch_size` must be a positive integer. "
-                f"Received: batch_size={batch_size!r}"
-            )
+        check_positive_int("batch_size", batch_size)
         if len(images) != len(labels):
             raise ValueError(
                 "`images` and `labels` must hold as many examples. Received "
@@ -927,7 +910,6 @@ def _finish(
     max_test,
     seed,
 ):
-    import keras
     import tensorflow as tf
 
     train, info.num_train = _subset(train, info.num_train, max_train, seed)
